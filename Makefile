@@ -1,0 +1,23 @@
+# The two commands of the README. `make test` is what .ci/run calls.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo clean
+
+$(VENV)/.installed: setup.py requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt -e ".[dev,hf]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs
