@@ -1,0 +1,82 @@
+"""Layer specs: a Llama layer built from megatron-core modules, injected by ModuleSpec.
+
+Two backends, chosen by what is installed (never required):
+- Transformer Engine present (GPU clusters): megatron-core's own TE spec — fused
+  layernorm+linear, TE attention with its ring context parallelism and FP8 options.
+- Otherwise (CPU, or GPU without TE): megatron-core's tensor-parallel linears, our RMSNorm
+  (sequence-parallel aware) and our SDPA core attention (PyTorch scaled_dot_product_attention,
+  with context parallelism and packed sequences), instead of megatron-core's local
+  DotProductAttention, which materialises the full score matrix and refuses CP and packing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_harpe.models.norm import RMSNorm
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return False
+    return True
+
+
+def local_llama_layer_spec() -> ModuleSpec:
+    """One Llama layer from megatron-core's tensor-parallel linears and our attention/norm."""
+    from megatron_harpe.parallel.core_attention import SDPACoreAttention
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPACoreAttention,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def llama_block_spec(config: TransformerConfig, use_te: Optional[bool] = None,
+                     vp_stage: Optional[int] = None) -> TransformerBlockSubmodules | ModuleSpec:
+    """The decoder block spec for this rank's pipeline stage.
+
+    The local path returns TransformerBlockSubmodules so that the final norm is our RMSNorm
+    (megatron-core would otherwise pick its torch norm wrapper, which refuses SP).
+    """
+    use_te = transformer_engine_available() if use_te is None else use_te
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    num_local_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[local_llama_layer_spec()] * num_local_layers,
+                                      layer_norm=RMSNorm)

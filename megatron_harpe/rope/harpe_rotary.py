@@ -1,0 +1,217 @@
+"""HARPE rotary embedding: one RoPE base per K/V group, as a drop-in for megatron-core's.
+
+Why a module and not a patch: megatron-core's GPTModel asks its `rotary_pos_emb` module for
+rotation angles (`forward(max_seq_len, offset, packed_seq, cp_group)`) and its attention
+applies them with `apply_rotary_pos_emb`, which only multiplies q/k by cos/sin of those angles
+with broadcasting. Standard RoPE returns angles shaped [seq, 1, 1, rot_dim]; returning
+[seq, 1, heads_local, rot_dim] gives every head its own frequencies while every megatron-core
+apply path (bshd, packed thd, CP slicing of thd, inference offsets) keeps working unchanged.
+
+What must hold (HARPE.md, "Consequences an implementation must get right"):
+- q and k of one head use the same base. With GQA a query head shares its K/V group, so bases
+  are per K/V group: query head i of the local slice uses group i // (q_heads / groups).
+  When q and k head counts differ the module returns a (q_angles, k_angles) tuple, which
+  megatron-core's attention accepts as (q_pos_emb, k_pos_emb).
+- Under tensor parallelism a rank holds a contiguous slice of groups; it uses exactly their bases.
+- Under context parallelism a rank holds chunks r and 2*cp-1-r of the sequence (megatron-core's
+  load-balanced layout); only the angles of those positions are computed. For packed (thd)
+  sequences megatron-core's apply function does the per-document CP slicing itself from a
+  table over one document's positions, so the table is returned unsliced, as megatron-core does.
+- A full [seq, all heads, dim] table is never built: only the local heads and local positions.
+
+Numerics: inverse frequencies and angles are computed exactly as megatron-core's
+RotaryEmbedding computes them (fp32 arange / dim, base ** that, 1 / ..., position * inv_freq),
+so HARPE with all bases equal is bit-identical to megatron-core's RoPE.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+AnglesType = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+def _group_size(group: Optional[torch.distributed.ProcessGroup]) -> int:
+    return 1 if group is None else group.size()
+
+
+def _group_rank(group: Optional[torch.distributed.ProcessGroup]) -> int:
+    return 0 if group is None else group.rank()
+
+
+def rotary_dim(kv_channels: int, rotary_percent: float) -> int:
+    """The rotated part of a head, computed as megatron-core does."""
+    return int(kv_channels * rotary_percent) if rotary_percent < 1.0 else kv_channels
+
+
+def inverse_frequencies(bases: Sequence[float], dim: int) -> Tensor:
+    """[len(bases), dim/2] inverse frequencies theta_{h,i} = b_h^(-2i/dim), fp32.
+
+    Written as the same fp32 operations megatron-core's RotaryEmbedding uses, one row per base,
+    so that a row equals megatron-core's inv_freq for that base bit for bit.
+    """
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    return torch.stack([1.0 / (float(base) ** exponents) for base in bases])
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int) -> Tensor:
+    """Global positions held by CP rank r: chunks r and 2*cp-1-r of 2*cp equal chunks."""
+    if cp_size == 1:
+        return torch.arange(seq_len)
+    if seq_len % (2 * cp_size) != 0:
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by 2 * context_parallel_size "
+            f"({2 * cp_size}); pad or choose a sequence length that is"
+        )
+    chunk = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+class HarpeRotaryEmbedding(RotaryEmbedding):
+    """Rotary embedding with one base per K/V group (HARPE), sliced to this rank's heads.
+
+    Args:
+        kv_channels: head dimension.
+        rotary_percent: fraction of the head that is rotated (megatron-core semantics).
+        bases: one base per K/V group of the WHOLE model (all TP ranks), in group order.
+        num_attention_heads: query heads of the whole model.
+        num_query_groups: K/V groups of the whole model (== num_attention_heads for MHA).
+        rotary_interleaved: rotate interleaved pairs (megatron-core semantics).
+        seq_len_interpolation_factor: optional linear position interpolation on top of HARPE.
+        tp_group / cp_group: the groups whose slice this rank holds (None = no parallelism).
+    """
+
+    def __init__(
+        self,
+        kv_channels: int,
+        rotary_percent: float,
+        bases: Sequence[float],
+        num_attention_heads: int,
+        num_query_groups: Optional[int] = None,
+        rotary_interleaved: bool = False,
+        seq_len_interpolation_factor: Optional[float] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> None:
+        bases = [float(b) for b in bases]
+        num_query_groups = num_query_groups or num_attention_heads
+        _validate_layout(bases, num_attention_heads, num_query_groups, _group_size(tp_group))
+        # The parent's constructor is reused for its bookkeeping (rotary_interleaved,
+        # interpolation factor, cp_group) and its methods (get_rotary_seq_len, dropping a stale
+        # inv_freq from old checkpoints); its single-base inv_freq is replaced below.
+        super().__init__(
+            kv_channels=kv_channels,
+            rotary_percent=rotary_percent,
+            rotary_interleaved=rotary_interleaved,
+            seq_len_interpolation_factor=seq_len_interpolation_factor,
+            rotary_base=bases[0],
+            use_cpu_initialization=True,
+            cp_group=cp_group,
+        )
+        self.bases = tuple(bases)
+        self.dim = rotary_dim(kv_channels, rotary_percent)
+        self.tp_group = tp_group
+        tp_size, tp_rank = _group_size(tp_group), _group_rank(tp_group)
+        groups_local = num_query_groups // tp_size
+        self.local_group_slice = slice(tp_rank * groups_local, (tp_rank + 1) * groups_local)
+        self.local_bases = self.bases[self.local_group_slice]
+        self.query_heads_per_group = num_attention_heads // num_query_groups
+        # [groups_local, dim/2]; plain attribute like megatron-core's inv_freq (not a buffer,
+        # so it never enters a checkpoint: the base set travels in the config/metadata).
+        self.inv_freq = inverse_frequencies(self.local_bases, self.dim)
+        self._cache_key = None
+        self._cache_value = None
+
+    # ------------------------------------------------------------------ angles
+    def _angles_for_positions(self, positions: Tensor) -> Tensor:
+        """[len(positions), 1, groups_local, dim] angles for the local K/V groups."""
+        inv_freq = self.inv_freq
+        seq = positions.to(device=inv_freq.device, dtype=inv_freq.dtype)
+        if self.seq_len_interpolation_factor is not None:
+            seq *= 1 / self.seq_len_interpolation_factor
+        freqs = seq[:, None, None] * inv_freq[None, :, :]  # [s, groups_local, dim/2]
+        if not self.rotary_interleaved:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+        return emb.unsqueeze(1)
+
+    def _split_query_key(self, k_angles: Tensor) -> AnglesType:
+        if self.query_heads_per_group == 1:
+            return k_angles
+        q_angles = k_angles.repeat_interleave(self.query_heads_per_group, dim=2)
+        return q_angles, k_angles
+
+    def _move_to_compute_device(self) -> None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        if device is not None and self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+
+    def get_emb(self, max_seq_len: int, offset: int = 0) -> Tensor:
+        """K/V-group angles for positions offset..offset+max_seq_len-1 (no CP slicing)."""
+        self._move_to_compute_device()
+        return self._angles_for_positions(torch.arange(max_seq_len) + offset)
+
+    def forward(
+        self,
+        max_seq_len: int,
+        offset: int = 0,
+        packed_seq: bool = False,
+        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> AnglesType:
+        """Angles for this rank: its heads, and (unless packed) its CP chunks of the sequence.
+
+        Returns one tensor [s_local, 1, heads_local, dim] for MHA, or a (q, k) tuple with GQA.
+        The last result is cached: training asks for the same length every step.
+        """
+        cp_group = cp_group if cp_group is not None else self.cp_group
+        cp_size, cp_rank = _group_size(cp_group), _group_rank(cp_group)
+        key = (max_seq_len, offset, packed_seq, cp_size, cp_rank)
+        if key == self._cache_key:
+            return self._cache_value
+        self._move_to_compute_device()
+        if packed_seq or cp_size == 1:
+            positions = torch.arange(max_seq_len) + offset
+        else:
+            positions = context_parallel_positions(max_seq_len, cp_size, cp_rank) + offset
+        result = self._split_query_key(self._angles_for_positions(positions))
+        self._cache_key, self._cache_value = key, result
+        return result
+
+    def get_cos_sin(self, max_seq_len: int, offset: int = 0):
+        raise NotImplementedError(
+            "HARPE has one base per head; megatron-core's flash-decode / flashinfer RoPE paths take "
+            "a single [seq, dim/2] cos/sin table. Disable config.flash_decode for HARPE models."
+        )
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, local_bases={list(self.local_bases)}, "
+                f"query_heads_per_group={self.query_heads_per_group}")
+
+
+def _validate_layout(bases, num_attention_heads: int, num_query_groups: int, tp_size: int) -> None:
+    if num_attention_heads % num_query_groups != 0:
+        raise ValueError(
+            f"num_attention_heads ({num_attention_heads}) must be a multiple of num_query_groups "
+            f"({num_query_groups})"
+        )
+    if len(bases) != num_query_groups:
+        raise ValueError(
+            f"HARPE needs one base per K/V group: got {len(bases)} bases for {num_query_groups} "
+            f"K/V groups (num_query_groups; = attention heads for MHA). Give exactly "
+            f"{num_query_groups} bases, e.g. harpe-bases --num-bases {num_query_groups}"
+        )
+    if num_query_groups % tp_size != 0:
+        raise ValueError(
+            f"num_query_groups ({num_query_groups}) must be divisible by tensor_model_parallel_size "
+            f"({tp_size}) so that each TP rank holds whole K/V groups and their bases"
+        )
+    bad = [b for b in bases if not (b > 1.0 and b < float("inf"))]
+    if bad:
+        raise ValueError(f"RoPE bases must be finite and > 1; got {bad}")
