@@ -11,7 +11,8 @@ import pytest
 from tests.launch import run_workers
 
 WORKER = "tests/workers/parallel_equivalence.py"
-TWO_RANKS = ["tp2", "tp2_sp", "pp2", "cp2", "dp2", "tp2_wrong_bases", "cp2_wrong_positions", "equal_bases_vs_rope"]
+TWO_RANKS = ["tp2", "tp2_sp", "pp2", "cp2", "dp2", "tp2_wrong_bases", "cp2_wrong_positions", "equal_bases_vs_rope",
+             "thd_packed_cp1", "thd_packed_cp2"]
 FOUR_RANKS = ["tp2_pp2", "tp2_cp2", "cp2_dp2"]
 
 LOSS_TOL, LOGIT_TOL, GRAD_TOL = 5e-6, 5e-6, 5e-7
@@ -60,6 +61,16 @@ def test_wrong_slices_are_detected(two_rank_results, scenario):
 
 def test_equal_bases_are_bit_identical_to_megatron_rope(two_rank_results):
     for results in two_rank_results:
-        verdict = results["equal_bases_vs_rope"]
+        verdict = results["equal_bases_vs_rope",
+             "thd_packed_cp1", "thd_packed_cp2"]
         assert verdict["bit_identical"], verdict
         assert verdict["differs_from_harpe_reference"] > 1e-3
+
+
+@pytest.mark.parametrize("scenario", ["thd_packed_cp1", "thd_packed_cp2"])
+def test_packed_documents_restart_positions(two_rank_results, scenario):
+    """Three documents packed (THD) give each document the logits of its own forward pass."""
+    for results in two_rank_results:
+        verdict = results[scenario]
+        assert verdict["max_diff"] < LOGIT_TOL, verdict
+        assert verdict["differs_from_unpacked"] > 1e-2, verdict
