@@ -12,7 +12,7 @@ from tests.launch import run_workers
 
 WORKER = "tests/workers/parallel_equivalence.py"
 TWO_RANKS = ["tp2", "tp2_sp", "pp2", "cp2", "dp2", "tp2_wrong_bases", "cp2_wrong_positions", "equal_bases_vs_rope",
-             "thd_packed_cp1", "thd_packed_cp2"]
+             "thd_packed_cp1", "thd_packed_cp2", "checkpoint_tp2_to_tp1"]
 FOUR_RANKS = ["tp2_pp2", "tp2_cp2", "cp2_dp2"]
 
 LOSS_TOL, LOGIT_TOL, GRAD_TOL = 5e-6, 5e-6, 5e-7
@@ -73,3 +73,14 @@ def test_packed_documents_restart_positions(two_rank_results, scenario):
         verdict = results[scenario]
         assert verdict["max_diff"] < LOGIT_TOL, verdict
         assert verdict["differs_from_unpacked"] > 1e-2, verdict
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1_with_its_bases(two_rank_results):
+    """torch_dist checkpoint: resharded TP=2 -> TP=1 gives the same logits; the HARPE base set is
+    stored in the checkpoint (megatron-core drops inv_freq) and a different configured set is refused."""
+    for results in two_rank_results:
+        verdict = results["checkpoint_tp2_to_tp1"]
+        assert verdict["max_diff"] < LOGIT_TOL, verdict
+        assert verdict["saved_bases"] == [10000.0, 1000000.0] == verdict["bases_on_disk"]
+        assert "bases: checkpoint" in verdict["refusal"] and "[10000.0, 2000000.0]" in verdict["refusal"]
+        assert verdict["no_staging_left"]

@@ -213,6 +213,35 @@ def packed_documents_equal_separate_forwards(ref, cp: int):
     return {"max_diff": diff, "differs_from_unpacked": (packed_logits.reshape(len(local), -1) - unpacked).abs().max().item()}
 
 
+def checkpoint_tp2_to_tp1(ref, out_dir: str):
+    """Save at TP=2 with megatron-core dist_checkpointing, load at TP=1: same logits; the base
+    set travels in the checkpoint and a different configured base set is refused."""
+    from megatron_harpe.models.checkpoint import load_model, read_common_state, save_model
+
+    directory = os.path.join(out_dir, "ckpt_tp2")
+    set_layout(tp=2)
+    cfg = model_config()
+    model = build_model(cfg, build_transformer_config(cfg, tensor_parallel=2))
+    load_full_state_dict(model, ref["state"], ps.get_tensor_model_parallel_rank(), 2)
+    save_model([model], cfg, directory)
+    set_layout()
+    restored = build_model(cfg, build_transformer_config(cfg))
+    common = load_model([restored], cfg, directory)
+    tokens, _ = make_batch()
+    with torch.no_grad():
+        diff = (restored(tokens, None, None) - ref["logits"]).abs().max().item()
+    other = model_config()
+    other.position = PositionEmbeddingConfig(kind="harpe", bases=[10000.0, 2_000_000.0])
+    try:
+        load_model([build_model(other, build_transformer_config(other))], other, directory)
+        refusal = ""
+    except ValueError as err:
+        refusal = str(err)
+    return {"max_diff": diff, "saved_bases": common["megatron_harpe_position_embedding"]["bases"],
+            "bases_on_disk": read_common_state(directory)["megatron_harpe_position_embedding"]["bases"],
+            "refusal": refusal, "no_staging_left": not os.path.exists(os.path.join(out_dir, ".ckpt_tp2.incomplete"))}
+
+
 SCENARIOS = {
     "tp2": dict(tp=2),
     "tp2_sp": dict(tp=2, sp=True),
@@ -241,6 +270,8 @@ def main():
     for name in args.scenarios.split(","):
         if name == "equal_bases_vs_rope":
             results[name] = equal_bases_match_megatron_rope(ref)
+        elif name == "checkpoint_tp2_to_tp1":
+            results[name] = checkpoint_tp2_to_tp1(ref, args.out)
         elif name.startswith("thd_packed_cp"):
             results[name] = packed_documents_equal_separate_forwards(ref, cp=int(name[-1]))
         else:
