@@ -12,7 +12,7 @@ from tests.launch import run_workers
 
 WORKER = "tests/workers/parallel_equivalence.py"
 TWO_RANKS = ["tp2", "tp2_sp", "pp2", "cp2", "dp2", "tp2_wrong_bases", "cp2_wrong_positions", "equal_bases_vs_rope",
-             "thd_packed_cp1", "thd_packed_cp2", "checkpoint_tp2_to_tp1"]
+             "thd_packed_cp1", "thd_packed_cp2", "checkpoint_tp2_to_tp1", "position_kinds"]
 FOUR_RANKS = ["tp2_pp2", "tp2_cp2", "cp2_dp2"]
 
 LOSS_TOL, LOGIT_TOL, GRAD_TOL = 5e-6, 5e-6, 5e-7
@@ -84,3 +84,12 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_its_bases(two_rank_results):
         assert verdict["saved_bases"] == [10000.0, 1000000.0] == verdict["bases_on_disk"]
         assert "bases: checkpoint" in verdict["refusal"] and "[10000.0, 2000000.0]" in verdict["refusal"]
         assert verdict["no_staging_left"]
+
+
+def test_every_position_scheme_builds_and_trains(two_rank_results):
+    verdict = two_rank_results[0]["position_kinds"]
+    assert verdict["types_ok"], verdict
+    losses = {kind: verdict[kind]["loss"] for kind in ("rope", "pi", "yarn", "harpe")}
+    assert all(verdict[kind]["grads_finite"] for kind in losses), verdict
+    assert len({round(v, 6) for v in losses.values()}) == 4, losses  # four different models
+    assert verdict["pi"]["pi_positions_scaled"]

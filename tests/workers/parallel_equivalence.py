@@ -242,6 +242,41 @@ def checkpoint_tp2_to_tp1(ref, out_dir: str):
             "refusal": refusal, "no_staging_left": not os.path.exists(os.path.join(out_dir, ".ckpt_tp2.incomplete"))}
 
 
+def position_kinds_build_and_run(ref):
+    """Every position scheme builds through the provider and runs forward/backward on CPU;
+    PI is RoPE at positions divided by the factor (checked through the rotary modules)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+    from megatron_harpe.rope.harpe_rotary import HarpeRotaryEmbedding
+
+    set_layout()
+    kinds = {
+        "rope": PositionEmbeddingConfig(kind="rope", base=5e6),
+        "pi": PositionEmbeddingConfig(kind="pi", base=1e4, interpolation_factor=4.0),
+        "yarn": PositionEmbeddingConfig(kind="yarn", base=1e4, yarn_factor=4.0,
+                                        yarn_original_max_position_embeddings=8),
+        "harpe": PositionEmbeddingConfig(kind="harpe", bases=[1e4, 1e6]),
+    }
+    out = {}
+    tokens, labels = make_batch()
+    for kind, position in kinds.items():
+        cfg = model_config()
+        cfg.position = position
+        model = build_model(cfg, build_transformer_config(cfg))
+        load_full_state_dict(model, ref["state"], 0, 1)
+        loss = model(tokens, None, None, labels=labels).mean()
+        loss.backward()
+        out[kind] = {"loss": loss.item(), "module": type(model.rotary_pos_emb).__name__,
+                     "grads_finite": all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())}
+        if kind == "pi":
+            rope = model.rotary_pos_emb
+            scaled = rope.get_freqs_non_repeated(SEQ)
+            plain = torch.outer(torch.arange(SEQ, dtype=torch.float32) / 4.0, rope.inv_freq)
+            out[kind]["pi_positions_scaled"] = bool(torch.allclose(scaled, plain))
+    out["types_ok"] = (out["harpe"]["module"] == HarpeRotaryEmbedding.__name__
+                       and out["yarn"]["module"] == YarnRotaryEmbedding.__name__)
+    return out
+
+
 SCENARIOS = {
     "tp2": dict(tp=2),
     "tp2_sp": dict(tp=2, sp=True),
@@ -270,6 +305,8 @@ def main():
     for name in args.scenarios.split(","):
         if name == "equal_bases_vs_rope":
             results[name] = equal_bases_match_megatron_rope(ref)
+        elif name == "position_kinds":
+            results[name] = position_kinds_build_and_run(ref)
         elif name == "checkpoint_tp2_to_tp1":
             results[name] = checkpoint_tp2_to_tp1(ref, args.out)
         elif name.startswith("thd_packed_cp"):
