@@ -23,7 +23,7 @@ def harpe_model(**kw):
 @pytest.mark.parametrize(
     "model, layout, message",
     [
-        (harpe_model(bases=[1e4, 2e4, 3e4]), {}, "one base per K/V group|got 3"),
+        (harpe_model(bases=[1e4, 2e4, 3e4]), {}, "has 3 bases but the model has 2 K/V groups"),
         (harpe_model(), dict(tensor_parallel=4), "num_query_groups \\(2\\) must be divisible by tensor_model_parallel_size"),
         (harpe_model(), dict(tensor_parallel=8), "num_attention_heads \\(4\\) must be divisible"),
         (harpe_model(), dict(context_parallel=2, seq_length=30), "divisible by 2 \\* context_parallel_size"),
