@@ -30,8 +30,8 @@ from tests.launch import REPO_ROOT, run_workers  # noqa: E402
 cpu_only = pytest.mark.skipif(BACKEND != "cpu", reason="the CPU backend is only enabled in-process without CUDA")
 
 
-def _cuda_device_spellings():
-    return ["cuda", "cuda:0", 0, torch.device("cuda"), torch.device("cuda", 0), torch.cuda.current_device()]
+_CUDA_DEVICES = {"str": "cuda", "str_index": "cuda:0", "ordinal": 0, "device": torch.device("cuda"),
+                 "device_index": torch.device("cuda", 0), "current_device": None}
 
 
 # ---------------------------------------------------------------------------- selection
@@ -84,8 +84,9 @@ def test_with_cuda_nothing_is_changed_and_forcing_cpu_hides_cuda():
 
 
 @cpu_only
-@pytest.mark.parametrize("device", _cuda_device_spellings(), ids=str)
-def test_factory_functions_with_a_cuda_device_give_cpu_tensors(device):
+@pytest.mark.parametrize("spelling", list(_CUDA_DEVICES))
+def test_factory_functions_with_a_cuda_device_give_cpu_tensors(spelling):
+    device = _CUDA_DEVICES[spelling] if spelling != "current_device" else torch.cuda.current_device()
     made = [torch.empty(2, device=device), torch.zeros(2, 3, device=device), torch.arange(4, device=device),
             torch.tensor([1.0], device=device), torch.full((2,), 7.0, device=device),
             torch.ones(1).new_zeros(3, device=device), torch.empty_like(torch.ones(2), device=device),
@@ -333,6 +334,9 @@ def test_gpt_tp2_ddp_adamw_clip_and_checkpoint(ranks):
         _assert_trains(r["gpt_tp2"])
         assert r["gpt_tp2"]["checkpoint_roundtrip_ok"]
     assert ranks[0]["gpt_tp2"]["losses"] == ranks[1]["gpt_tp2"]["losses"]  # one model, two shards
+    # norms are held whole by both TP ranks and must stay equal: with dropout on, that needs
+    # the RNG tracker to give both ranks the same default stream (and restore it after fork())
+    assert ranks[0]["gpt_tp2"]["replicated_param_digest"] == ranks[1]["gpt_tp2"]["replicated_param_digest"]
     assert ranks[0]["gpt_tp2"]["grad_norms"] == ranks[1]["gpt_tp2"]["grad_norms"]
 
 

@@ -7,7 +7,8 @@ stops the other rank), so a broken adaptation shows up with its traceback.
 
 Scenarios:
   sp_mappings   TP=2: backward through megatron's sequence-parallel gather/reduce-scatter
-  gpt_tp2       TP=2: GPTModel (local spec) + DDP + AdamW + clip_grad, 3 training steps
+  gpt_tp2       TP=2: GPTModel (local spec, dropout on) + DDP + AdamW + clip_grad, 3 training
+                steps, then a dist_checkpointing save/load round trip
   gpt_pp2_1f1b  PP=2: the same through megatron's 1F1B pipeline schedule (4 microbatches)
   gpt_dp2       DP=2: distributed optimizer with overlapped grad reduction
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
 
 
-def sp_mappings(rank: int, ckpt_dir: str) -> dict:
+def sp_mappings(rank: int, out_dir: str) -> dict:
     """Gradients through gather_from_sequence_parallel_region / reduce_scatter_to_sequence_parallel_region.
 
     Their backward passes are a reduce-scatter / all-gather that allocate with
@@ -135,17 +135,21 @@ def _train(model, optimizer, steps: int, num_microbatches: int, data_seed: int) 
             summed = torch.stack([d["lm loss"] for d in out]).sum(0)
             losses.append(float(summed[0] / summed[1]))
     digest = float(sum(p.detach().double().sum() for p in model.parameters()))
+    # parameters every TP rank holds whole (norms): they must stay identical across TP ranks,
+    # which needs the same default-RNG dropout masks there (megatron's RNG tracker)
+    replicated = float(sum(p.detach().double().sum() for p in model.parameters()
+                           if not getattr(p, "tensor_model_parallel", False)))
     return {"losses": losses, "grad_norms": grad_norms, "stage_grad_norms": stage_grad_norms,
-            "param_digest": digest}
+            "param_digest": digest, "replicated_param_digest": replicated}
 
 
-def gpt_tp2(rank: int, ckpt_dir: str) -> dict:
+def gpt_tp2(rank: int, out_dir: str) -> dict:
     """Train 3 steps, then save and reload the model with megatron's dist_checkpointing."""
     from megatron.core import dist_checkpointing
 
     model, optimizer = _gpt(tp=2)
     result = _train(model, optimizer, steps=3, num_microbatches=2, data_seed=7)
-    ckpt = Path(ckpt_dir, "gpt_tp2")
+    ckpt = Path(out_dir, "gpt_tp2_checkpoint")
     ckpt.mkdir(parents=True, exist_ok=True)
     inner = model.module
     dist_checkpointing.save(inner.sharded_state_dict(), str(ckpt))
@@ -159,14 +163,14 @@ def gpt_tp2(rank: int, ckpt_dir: str) -> dict:
     return result
 
 
-def gpt_pp2_1f1b(rank: int, ckpt_dir: str) -> dict:
+def gpt_pp2_1f1b(rank: int, out_dir: str) -> dict:
     model, optimizer = _gpt(pp=2)
     result = _train(model, optimizer, steps=3, num_microbatches=4, data_seed=7)
     result["stage"] = parallel_state.get_pipeline_model_parallel_rank()
     return result
 
 
-def gpt_dp2(rank: int, ckpt_dir: str) -> dict:
+def gpt_dp2(rank: int, out_dir: str) -> dict:
     model, optimizer = _gpt(ddp={"use_distributed_optimizer": True, "overlap_grad_reduce": True,
                                   "bucket_size": 2000},
                             optimizer={"use_distributed_optimizer": True})
