@@ -28,9 +28,18 @@ def four_rank_results(tmp_path_factory):
     return run_workers(WORKER, 4, tmp_path_factory.mktemp("pe4"), "--scenarios", ",".join(FOUR_RANKS))
 
 
+LAYOUTS = {"tp2": (2, 1), "tp2_sp": (2, 1), "pp2": (1, 1), "cp2": (1, 2), "dp2": (1, 1),
+           "tp2_pp2": (2, 1), "tp2_cp2": (2, 2), "cp2_dp2": (1, 2)}
+
+
 def assert_matches_reference(per_rank, scenario):
+    tp, cp = LAYOUTS[scenario]
     for rank, results in enumerate(per_rank):
         verdict = results[scenario]
+        # the rotary module holds only this rank's K/V groups and positions (2 groups, 4 heads, 32 tokens)
+        assert verdict["local_groups"] == 2 // tp
+        assert verdict["k_angle_shape"] == [32 // cp, 1, 2 // tp, 16]
+        assert verdict["q_angle_shape"] == [32 // cp, 1, 4 // tp, 16]
         assert verdict["num_params_checked"] > 0
         assert verdict["grad_max_diff"] < GRAD_TOL, (rank, verdict["grad_worst_param"], verdict["grad_max_diff"])
         if "loss_max_diff" in verdict:  # last pipeline stage

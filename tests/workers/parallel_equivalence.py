@@ -119,7 +119,12 @@ def run_layout(ref, *, tp=1, pp=1, cp=1, sp=False, num_layers=2, microbatches=1,
                                 micro_batch_size=len(micro_rows[0]), forward_only=False)
     # the schedule has called finalize_model_grads (DP/CP reduce, SP norm-grad all-reduce)
 
-    verdict = {}
+    rope = model.rotary_pos_emb
+    angles = rope(SEQ)
+    q_angles, k_angles = angles if isinstance(angles, tuple) else (angles, angles)
+    # only this rank's slice exists: its K/V groups (TP) and its positions (CP)
+    verdict = {"local_groups": rope.inv_freq.shape[0], "k_angle_shape": list(k_angles.shape),
+               "q_angle_shape": list(q_angles.shape)}
     if ps.is_pipeline_last_stage():
         ref_losses = ref["losses"][rows][:, positions]
         losses = torch.cat(seen["losses"])
