@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.py requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/cpu.txt -e ".[dev,hf]"
+	$(PY) -m pip install -q -r requirements/cpu.txt -e ".[dev,hf,mpi]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -21,16 +21,24 @@ setup(
         "tqdm",
         "matplotlib",
         "psutil",
+        "sentencepiece>=0.2.0",
+        "pybind11>=2.10",
+        "tensorboard",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "mpi": ["mpi4py"],
-        "hf": ["transformers>=4.45", "safetensors"],
+        # mpi4py (binary wheel) + the MPICH wheel (mpiexec in the venv's bin/), so MPI launches work and are
+        # tested anywhere; on a cluster with its own MPI, install mpi4py alone (see docs/launch.md).
+        "mpi": ["mpi4py", "mpich"],
+        "hf": ["transformers>=4.45", "safetensors", "tokenizers>=0.19"],
         "dev": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={
         "console_scripts": [
             "harpe-bases=megatron_harpe.rope.bases_cli:main",
+            "harpe-train-tokenizer=megatron_harpe.data.train_tokenizer:main",
+            "harpe-preprocess=megatron_harpe.data.preprocess:main",
+            "harpe-upsample=megatron_harpe.data.upsample:main",
         ]
     },
 )
