@@ -1,0 +1,360 @@
+"""The tokenization engine shared by harpe-preprocess and harpe-upsample.
+
+The main process reads the inputs in blocks of whole lines (a few MB, raw bytes, gzip
+decompressed) and hands them to ``workers`` processes; each worker parses the JSON lines,
+tokenizes the texts, and returns the tokens of the whole block as one numpy array plus one
+length per document (cheap to pickle, no Python int lists crossing processes). Results come
+back in input order, so the output does not depend on the number of workers. At most
+``2 * workers + 2`` blocks are in flight (reading never runs ahead of tokenization).
+
+Bad lines (malformed JSON, invalid UTF-8, a missing key, a non-string value) are collected
+with file and line; the caller either stops at the first one or counts and skips them.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from megatron_harpe.data.inputs import DataError, get_field, open_binary
+from megatron_harpe.data.tokenizer import Tokenizer, load_tokenizer, token_dtype
+
+__all__ = ["EncodeOptions", "ChunkResult", "BadLine", "run_pipeline", "Progress", "BLOCK_BYTES"]
+
+BLOCK_BYTES = 4 << 20
+MAX_BAD_REPORTED = 20
+
+
+@dataclass
+class EncodeOptions:
+    tokenizer_type: str
+    tokenizer_model: str
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    eod_token: str | None = None
+    append_eod: bool = False
+    prepend_bos: bool = False
+    keep_empty: bool = False
+    replace_invalid_utf8: bool = False
+    source_key: str | None = None      # per-document source label (harpe-upsample)
+    word_cache: bool = True            # sentencepiece word cache (exact; see tokenizer.py)
+    verify_docs: int = 64              # per worker: documents checked against the plain tokenizer
+
+
+@dataclass
+class BadLine:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class ChunkResult:
+    file_index: int
+    start_line: int
+    nbytes: int
+    tokens: dict           # key -> np.ndarray (token dtype), the documents back to back
+    lengths: dict          # key -> np.ndarray int32, one length per document
+    sources: list | None   # per document of the first key, when a source key is set
+    documents: int = 0     # lines that became documents
+    bad: list = field(default_factory=list)          # [(line, reason)], the first few
+    bad_count: int = 0
+    bad_reasons: dict = field(default_factory=dict)  # reason kind -> count
+    empty: int = 0
+    blank: int = 0
+    replaced_utf8: int = 0
+    cache_disabled: str | None = None
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_STATE: dict = {}
+
+
+def _worker_init(options: EncodeOptions) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process handles Ctrl-C
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
+    _STATE["tok"] = _make_tokenizer(options)
+    _STATE["options"] = options
+    _STATE["verify_left"] = options.verify_docs
+
+
+def _make_tokenizer(options: EncodeOptions) -> Tokenizer:
+    if options.tokenizer_type.lower().startswith("sentencepiece") or options.tokenizer_type.lower() == "spm":
+        from megatron_harpe.data.tokenizer import SentencePieceTokenizer
+        return SentencePieceTokenizer(options.tokenizer_model, eod_token=options.eod_token,
+                                      word_cache=options.word_cache)
+    return load_tokenizer(options.tokenizer_type, options.tokenizer_model, eod_token=options.eod_token)
+
+
+def _process_block(task: tuple[int, int, bytes]) -> ChunkResult:
+    file_index, start_line, data = task
+    tok: Tokenizer = _STATE["tok"]
+    opt: EncodeOptions = _STATE["options"]
+    keys = opt.json_keys
+    dtype = token_dtype(tok.vocab_size)
+    loads = json.loads
+    prefix = [tok.bos] if opt.prepend_bos and tok.bos is not None else []
+    suffix = [tok.eod] if opt.append_eod else []
+    toks = {k: [] for k in keys}
+    lens = {k: [] for k in keys}
+    sources = [] if opt.source_key else None
+    res = ChunkResult(file_index, start_line, len(data), {}, {}, sources)
+
+    def bad(lineno: int, kind: str, reason: str) -> None:
+        res.bad_count += 1
+        res.bad_reasons[kind] = res.bad_reasons.get(kind, 0) + 1
+        if len(res.bad) < MAX_BAD_REPORTED:
+            res.bad.append((lineno, reason))
+
+    parsed: list = []  # (line number, texts per key, source)
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    for offset, raw in enumerate(lines):
+        lineno = start_line + offset
+        if not raw or raw.isspace():
+            res.blank += 1
+            continue
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            rec = loads(raw)
+        except UnicodeDecodeError as e:
+            if not opt.replace_invalid_utf8:
+                bad(lineno, "invalid UTF-8",
+                    f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); fix the encoding, or pass "
+                    f"--replace-invalid-utf8 to replace such bytes with U+FFFD")
+                continue
+            res.replaced_utf8 += 1
+            try:
+                rec = loads(raw.decode("utf-8", errors="replace"))
+            except ValueError as e2:
+                bad(lineno, "malformed JSON", f"malformed JSON: {e2}")
+                continue
+        except ValueError as e:
+            bad(lineno, "malformed JSON", f"malformed JSON: {e}")
+            continue
+        if not isinstance(rec, dict):
+            bad(lineno, "not an object", f"a JSON {type(rec).__name__}, not an object")
+            continue
+        texts = []
+        ok = True
+        for key in keys:
+            try:
+                value = get_field(rec, key)
+            except KeyError:
+                bad(lineno, "missing key", f"no key {key!r} (keys: {sorted(rec)[:8]}); choose it with --json-keys")
+                ok = False
+                break
+            if not isinstance(value, str):
+                bad(lineno, "not a string", f"key {key!r} holds a {type(value).__name__}, not a string")
+                ok = False
+                break
+            texts.append(value)
+        if not ok:
+            continue
+        if sources is not None:
+            try:
+                src = get_field(rec, opt.source_key)
+            except KeyError:
+                bad(lineno, "missing source", f"no source key {opt.source_key!r}; choose it with --source-key")
+                continue
+            if not isinstance(src, (str, int)):
+                bad(lineno, "bad source", f"source key {opt.source_key!r} holds a {type(src).__name__}")
+                continue
+        parsed.append((lineno, texts, src if sources is not None else None))
+    # tokenize the block key by key (one batch call where the tokenizer has one)
+    encoded = {}
+    for k, key in enumerate(keys):
+        texts = [p[1][k] for p in parsed]
+        ids_list = tok.encode_many(texts)
+        n_verify = min(_STATE["verify_left"], len(texts))
+        if n_verify > 0 and getattr(tok, "uses_word_cache", False):
+            _STATE["verify_left"] -= n_verify
+            for j in range(n_verify):
+                ref = tok.encode(texts[j])
+                if ids_list[j] != ref:
+                    tok.disable_word_cache(f"word cache disagreed with the tokenizer at line {parsed[j][0]}")
+                    res.cache_disabled = tok.word_cache_reason
+                    ids_list = [tok.encode(t) for t in texts]
+                    break
+        encoded[key] = ids_list
+    for j, (lineno, _texts, src) in enumerate(parsed):
+        kept = False
+        for key in keys:
+            ids = encoded[key][j]
+            if not ids:
+                res.empty += 1
+                if not opt.keep_empty:
+                    continue
+                lens[key].append(0)
+                kept = True
+                continue
+            t = toks[key]
+            if prefix:
+                t.extend(prefix)
+            t.extend(ids)
+            if suffix:
+                t.extend(suffix)
+            lens[key].append(len(ids) + len(prefix) + len(suffix))
+            kept = True
+        if kept:
+            res.documents += 1
+            if sources is not None:
+                sources.append(str(src))
+    for key in keys:
+        res.tokens[key] = np.array(toks[key], dtype=dtype)
+        res.lengths[key] = np.array(lens[key], dtype=np.int32)
+    return res
+
+
+# ----------------------------------------------------------------------------- main side
+
+
+def _read_blocks(files: list[str], block_bytes: int, position: list) -> Iterator[tuple[int, int, bytes]]:
+    """(file index, first line number, bytes of whole lines); `position` tracks bytes read."""
+    for fi, path in enumerate(files):
+        line = 1
+        rest = b""
+        try:
+            f = open_binary(path)
+        except OSError as e:
+            raise DataError(f"cannot open input {path}: {e.strerror or e}") from None
+        with f:
+            raw = getattr(f, "fileobj", None)  # gzip: the compressed stream, for progress
+            last_pos = 0
+            while True:
+                try:
+                    buf = f.read(block_bytes)
+                except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+                    raise DataError(f"cannot read input {path} after line {line}: {e} "
+                                    f"(truncated or corrupt file?)") from None
+                if raw is not None:
+                    pos = raw.tell()
+                    position[0] += pos - last_pos
+                    last_pos = pos
+                else:
+                    position[0] += len(buf)
+                if not buf:
+                    if rest:
+                        yield fi, line, rest + b"\n"
+                    break
+                buf = rest + buf
+                cut = buf.rfind(b"\n")
+                if cut < 0:
+                    rest = buf
+                    continue
+                rest = buf[cut + 1:]
+                block = buf[:cut + 1]
+                yield fi, line, block
+                line += block.count(b"\n")
+
+
+class Progress:
+    """A tqdm bar (docs/s, tokens/s) on a terminal; a log line every `log_interval` docs otherwise."""
+
+    def __init__(self, total_bytes: int, log_interval: int = 10000, enabled: bool = True,
+                 prog: str = "harpe", stream=None):
+        self.stream = stream or sys.stderr
+        self.start = time.time()
+        self.docs = 0
+        self.tokens = 0
+        self.log_interval = max(int(log_interval), 1)
+        self._next_log = self.log_interval
+        self.prog = prog
+        self.enabled = enabled
+        self.bar = None
+        self._pos = 0
+        if enabled and hasattr(self.stream, "isatty") and self.stream.isatty():
+            from tqdm import tqdm
+            tqdm.monitor_interval = 0
+            # a terminal that reports 0 columns (some pseudo-terminals) would get an empty bar
+            try:
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                columns = 0
+            width = {"dynamic_ncols": True} if columns > 0 else {"ncols": 100, "nrows": 20}
+            self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, file=self.stream,
+                            desc=prog, smoothing=0.1, **width)
+
+    def update(self, position: int, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if not self.enabled:
+            return
+        elapsed = max(time.time() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(position - self._pos)
+            self._pos = position
+            self.bar.set_postfix_str(f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s",
+                                     refresh=False)
+        elif self.docs >= self._next_log:
+            while self._next_log <= self.docs:
+                self._next_log += self.log_interval
+            print(f"{self.prog}: {self.docs:,} documents, {self.tokens:,} tokens "
+                  f"({self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s, "
+                  f"{position / elapsed / 1e6:,.1f} MB/s)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_pipeline(files: list[str], options: EncodeOptions, workers: int,
+                 on_result: Callable[[ChunkResult, int], None], block_bytes: int = BLOCK_BYTES) -> None:
+    """Tokenize `files` with `workers` processes (0: in this process) and pass every block's
+    result, in input order, to ``on_result(result, bytes_read_so_far)``.
+    """
+    position = [0]
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    blocks = _read_blocks(files, block_bytes, position)
+    if workers <= 0:
+        _worker_init_inline(options)
+        for task in blocks:
+            on_result(_process_block(task), position[0])
+        return
+    # The main thread reads and submits; at most `in_flight` blocks are queued or being
+    # tokenized (reading never runs far ahead), and results are taken in submission order.
+    # Reading here rather than in the pool's task thread keeps Ctrl-C/SIGTERM prompt even
+    # when an input blocks (a FIFO, a slow network file).
+    in_flight = 2 * workers + 2
+    method = "fork" if sys.platform.startswith("linux") else None
+    pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(options,))
+    pending: deque = deque()
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < in_flight:
+                task = next(blocks, None)
+                if task is None:
+                    exhausted = True
+                    break
+                pending.append((pool.apply_async(_process_block, (task,)), position[0]))
+            if not pending:
+                break
+            result, pos = pending.popleft()
+            on_result(result.get(), pos)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _worker_init_inline(options: EncodeOptions) -> None:
+    _STATE["tok"] = _make_tokenizer(options)
+    _STATE["options"] = options
+    _STATE["verify_left"] = options.verify_docs
