@@ -65,3 +65,37 @@ def build_model(model: ModelConfig, config: TransformerConfig, *, pre_process: b
     factor = position.interpolation_factor if position.kind == "pi" else None
     return GPTModel(position_embedding_type="rope", rotary_base=position.base,
                     seq_len_interpolation_factor=factor, **common)
+
+
+def replace_position_encoding(model: GPTModel, model_cfg: ModelConfig) -> None:
+    """Give a built model the position settings of `model_cfg` (a stage boundary of a staged run).
+
+    Only the rotary module changes (it holds no parameters); weights and optimizer state stay.
+    A fresh module is built rather than editing the old one's frequencies, so no cached angle
+    table of the previous base can survive (megatron-core caches RotaryEmbedding.forward).
+    """
+    position = model_cfg.position
+    config = model.config
+    if position.kind == "yarn":
+        raise ValueError("switching YaRN settings between stages is not supported; use rope (ABF) or harpe stages")
+    if position.kind == "harpe":
+        if not isinstance(model, HarpeGPTModel):
+            raise ValueError("a HARPE stage needs a model built with position.kind=harpe")
+        bases = position.resolve_bases(model_cfg.groups, model_cfg.head_dim)
+        config.harpe_bases = bases
+        model.rotary_pos_emb = HarpeRotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=model.rotary_percent, bases=bases,
+            num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
+            rotary_interleaved=config.rotary_interleaved,
+            seq_len_interpolation_factor=model.rotary_pos_emb.seq_len_interpolation_factor,
+            tp_group=model.pg_collection.tp, cp_group=model.pg_collection.cp)
+        return
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    factor = position.interpolation_factor if position.kind == "pi" else None
+    model.rotary_pos_emb = RotaryEmbedding(
+        kv_channels=config.kv_channels, rotary_percent=model.rotary_percent,
+        rotary_interleaved=config.rotary_interleaved, seq_len_interpolation_factor=factor,
+        rotary_base=position.base, use_cpu_initialization=config.use_cpu_initialization,
+        cp_group=model.pg_collection.cp)
+    model.rotary_base = position.base

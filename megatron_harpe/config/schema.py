@@ -1,0 +1,132 @@
+"""The training run's typed configuration: one tree of dataclasses, one YAML file.
+
+Every field has a default that runs on a laptop; the example configs in examples/ set the
+paper's values. The tree is validated as a whole (`validate_config`) before any process group
+is created, so a bad config fails on every rank with the same clear message instead of
+leaving some ranks waiting in a collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_harpe.models.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallelism is whatever remains: world / (tp * pp * cp)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
+    context: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's get_megatron_optimizer (paper: lr 2e-5, betas 0.9/0.95)."""
+
+    lr: float = 2.0e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    """megatron-core's OptimizerParamScheduler: linear warmup, then constant/cosine/linear decay."""
+
+    warmup_iterations: int = 0
+    decay_style: str = "cosine"  # constant | cosine | linear
+    decay_iterations: Optional[int] = None  # None = the whole run
+
+
+@dataclass
+class DataConfig:
+    """Training data: megatron indexed datasets (`.bin/.idx` prefixes), or a mock source.
+
+    blend: prefixes, optionally weighted: ["path/a_text_document"] or
+           [0.7, "path/a_text_document", 0.3, "path/b_text_document"].
+    """
+
+    kind: str = "mock"  # mock | indexed
+    blend: List = field(default_factory=list)
+    split: str = "98,2,0"
+    seq_length: int = 256
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    tokenizer_type: Optional[str] = None  # sentencepiece | huggingface
+    tokenizer_model: Optional[str] = None
+    cache_dir: Optional[str] = None  # GPTDataset index cache; None = <run_dir>/data_cache
+    num_workers: int = 0
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged schedule (multi-stage ABF). A single stage is the HARPE way.
+
+    Any field left unset keeps the value of the model/data config. The stage ends after
+    `iterations`, or after `tokens` (converted to iterations with the global batch size).
+    """
+
+    name: str = ""
+    seq_length: Optional[int] = None
+    base: Optional[float] = None  # rope/ABF base for this stage
+    bases: Optional[List[float]] = None  # HARPE base set for this stage
+    iterations: Optional[int] = None
+    tokens: Optional[int] = None
+
+
+@dataclass
+class TrainingConfig:
+    iterations: int = 10  # total over all stages when `stages` is empty
+    tokens: Optional[int] = None  # alternative budget; converted with the global batch size
+    seed: int = 1234
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    recompute_granularity: Optional[str] = None  # None | selective | full
+    recompute_method: Optional[str] = None  # uniform | block (with full)
+    recompute_num_layers: Optional[int] = None
+    init_from: Optional[str] = None  # a converted checkpoint: weights only, fresh optimizer
+    stop_on_nonfinite_loss: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None = <run_dir>/checkpoints
+    save_interval: int = 0  # 0 = only at the end (and on signals / stage ends)
+    keep_last: int = 2
+    resume: bool = True  # resume automatically from the latest checkpoint in dir
+    exit_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    save_on_signal: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops_per_device: Optional[float] = None  # None = H100 bf16 dense (989) on GPU, unset on CPU
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    stages: List[StageConfig] = field(default_factory=list)

@@ -1,0 +1,358 @@
+"""The training loop on megatron-core, top to bottom.
+
+    run(cfg)
+      -> parallel state (TP/PP/CP/DP), seeds
+      -> stage schedule; resume point (latest checkpoint) or init_from
+      -> model chunks (provider) wrapped in megatron-core DDP; megatron-core optimizer + scheduler
+      -> per iteration: this DP rank's micro-batches -> forward_backward_func (PP/VPP schedules)
+         -> optimizer.step -> scheduler.step -> loss reduced over DP/CP, shared by all ranks
+         -> log; non-finite loss stops; checkpoint on interval / stage end / signal / finish
+      -> stage boundary: checkpoint, switch position base(s) and sequence length, new data
+
+Losses are summed per token and normalised by the global token count (megatron-core's
+calculate_per_token_loss): the result does not depend on how tokens are split over
+micro-batches, DP ranks or CP ranks.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from megatron_harpe.config.loader import dump_config
+from megatron_harpe.config.schema import Config
+from megatron_harpe.models.config import build_transformer_config
+from megatron_harpe.models.provider import build_model, replace_position_encoding
+from megatron_harpe.training import checkpointing as ckpt
+from megatron_harpe.training.data import MicroBatches, build_train_dataset, iterators_for_chunks
+from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token
+from megatron_harpe.training.signals import EXIT_CODE_NONFINITE_LOSS, EXIT_CODE_REQUEUE, SignalWatcher
+from megatron_harpe.training.stages import Stage, build_schedule, stage_at
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    iteration: int
+    losses: Dict[int, float] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _params_dtype(cfg: Config) -> torch.dtype:
+    precision = cfg.training.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.stages: List[Stage] = build_schedule(cfg)
+        self.total_iterations = self.stages[-1].end_iteration
+        self.device = _device()
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        p = cfg.parallel
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
+                                     virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+                                     context_parallel_size=p.context)
+        _seed_everything(cfg.training.seed)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.params_dtype = _params_dtype(cfg)
+
+    # ------------------------------------------------------------------ building
+    def _transformer_config(self, model_cfg):
+        p, t = self.cfg.parallel, self.cfg.training
+        tcfg = build_transformer_config(
+            model_cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
+            virtual_pipeline_parallel=p.virtual_pipeline, context_parallel=p.context,
+            sequence_parallel=p.sequence_parallel, params_dtype=self.params_dtype,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            calculate_per_token_loss=True,
+            recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+            recompute_num_layers=t.recompute_num_layers,
+            # megatron-core's interleaved schedule with batched p2p corrupts PP=2 + VPP runs (Megatron-LM #750)
+            batch_p2p_comm=p.virtual_pipeline is None,
+        )
+        return tcfg
+
+    def _build(self, model_cfg) -> None:
+        p = self.cfg.parallel
+        self.tcfg = self._transformer_config(model_cfg)
+        num_chunks = p.virtual_pipeline or 1
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather, use_distributed_optimizer=p.distributed_optimizer)
+        self.chunks = []
+        for vp in range(num_chunks):
+            vp_stage = vp if p.virtual_pipeline else None
+            model = build_model(model_cfg, self.tcfg,
+                                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                                vp_stage=vp_stage)
+            if torch.cuda.is_available():
+                model.cuda(torch.cuda.current_device())
+            self.chunks.append(DistributedDataParallel(self.tcfg, ddp_config, model, disable_bucketing=vp > 0))
+        o = self.cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                                    adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                                    clip_grad=o.clip_grad, bf16=self.params_dtype == torch.bfloat16,
+                                    params_dtype=self.params_dtype,
+                                    use_distributed_optimizer=p.distributed_optimizer),
+            self.chunks)
+        s = self.cfg.scheduler
+        decay = s.decay_iterations or max(self.total_iterations - s.warmup_iterations, 1)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=s.warmup_iterations,
+            lr_decay_steps=s.warmup_iterations + decay, lr_decay_style=s.decay_style, start_wd=o.weight_decay,
+            end_wd=o.weight_decay, wd_incr_steps=max(self.total_iterations, 1), wd_incr_style="constant")
+        self.tcfg.finalize_model_grads_func = finalize_model_grads
+        self.tcfg.grad_scale_func = self.optimizer.scale_loss
+        if p.overlap_grad_reduce:
+            no_sync = [c.no_sync for c in self.chunks]
+            self.tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            grad_sync = [c.start_grad_sync for c in self.chunks]
+            self.tcfg.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+        if p.overlap_param_gather and p.distributed_optimizer:
+            param_sync = [c.start_param_sync for c in self.chunks]
+            self.tcfg.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
+
+    def _data_for(self, stage: Stage) -> MicroBatches:
+        d = self.cfg.data
+        cache = d.cache_dir or str(self.run_dir / "data_cache")
+        eod = _tokenizer_eod(d)
+        dataset = build_train_dataset(d, vocab_size=self.cfg.model.vocab_size, seq_length=stage.seq_length,
+                                      num_samples=stage.iterations * d.global_batch_size,
+                                      seed=self.cfg.training.seed + stage.index, eod_id=eod, cache_dir=cache)
+        return MicroBatches(dataset, global_batch=d.global_batch_size, micro_batch=d.micro_batch_size,
+                            dp_rank=self.dp_rank, dp_size=self.dp_size)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
+        if self.cfg.parallel.context > 1:
+            batch = get_batch_on_this_cp_rank(batch)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    def train_step(self, stage: Stage, batches) -> tuple[float, Optional[float]]:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iterators_for_chunks(batches, len(self.chunks)),
+            model=self.chunks, num_microbatches=len(batches), seq_length=stage.seq_length // self.cfg.parallel.context,
+            micro_batch_size=self.cfg.data.micro_batch_size, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return self._reduce_loss(outputs), grad_norm
+
+    def _reduce_loss(self, outputs) -> float:
+        """Token-weighted mean loss of the iteration, identical on every rank."""
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for out in outputs:
+                totals += out["lm loss"].to(totals)
+            dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return (totals[0] / totals[1]).item()
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        latest = ckpt.latest_checkpoint(self.ckpt_dir) if cfg.checkpoint.resume else None
+        iteration, consumed_in_stage = 0, 0
+        if latest is not None:
+            common = _read_common(latest)
+            iteration = int(common["iteration"])
+            saved_stage = stage_at(self.stages, max(iteration - 1, 0))
+            self._build(saved_stage.model)
+            info = ckpt.load_checkpoint(latest, chunks=self.chunks, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, model_cfg=saved_stage.model)
+            current = stage_at(self.stages, iteration)
+            if current.index != saved_stage.index:
+                self._switch_stage(current)
+            resumed = f"resumed from {latest} at iteration {iteration}"
+            if not info["rng_restored"]:
+                resumed += " (parallel layout changed: RNG streams re-seeded, weights/optimizer resharded)"
+        else:
+            self._build(self.stages[0].model)
+            resumed = "fresh start"
+            if cfg.training.init_from:
+                ckpt.load_weights_only(cfg.training.init_from, self.chunks)
+                resumed = f"weights from {cfg.training.init_from}"
+        self.config_yaml = dump_config(cfg)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        logger = MetricsLogger(str(self.run_dir), is_logging_rank=self.rank == self.world - 1,
+                               total_iterations=self.total_iterations, tensorboard=cfg.logging.tensorboard,
+                               progress_bar=cfg.logging.progress_bar, interval=cfg.logging.interval,
+                               peak_tflops_per_device=_peak_tflops(cfg), start_iteration=iteration)
+        logger.log_event(f"{resumed}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
+                         f"world {self.world} = TP {cfg.parallel.tensor} x PP {cfg.parallel.pipeline} x "
+                         f"CP {cfg.parallel.context} x DP {self.dp_size}")
+        result = RunResult(exit_code=0, iteration=iteration)
+        stage = stage_at(self.stages, iteration)
+        data = self._data_for(stage)
+        with SignalWatcher(cfg.checkpoint.exit_signals) as watcher:
+            while iteration < self.total_iterations:
+                if iteration >= stage.end_iteration:  # stage boundary
+                    self._save(iteration, stage)
+                    stage = stage_at(self.stages, iteration)
+                    self._switch_stage(stage)
+                    data = self._data_for(stage)
+                    logger.log_event(f"stage {stage.index} ({stage.name}) begins at iteration {iteration}: "
+                                     f"seq_length {stage.seq_length}, {_position_summary(stage)}")
+                started = time.perf_counter()
+                batches = data.iteration(iteration - stage.start_iteration)
+                loss, grad_norm = self.train_step(stage, batches)
+                iteration += 1
+                result.losses[iteration] = loss
+                tokens = cfg.data.global_batch_size * stage.seq_length
+                flops = tokens * _flops_per_token(stage)
+                logger.log_iteration(iteration, loss=loss, lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                                     grad_norm=grad_norm, tokens=tokens, elapsed_s=time.perf_counter() - started,
+                                     flops=flops, world_size=self.world, extra={"stage": stage.index})
+                if cfg.training.stop_on_nonfinite_loss and not torch.isfinite(torch.tensor(loss)):
+                    result.exit_code, result.reason = EXIT_CODE_NONFINITE_LOSS, (
+                        f"loss is {loss} at iteration {iteration}: stopping; the last good checkpoint "
+                        f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept. Lower the learning rate or "
+                        f"check the data, then resume.")
+                    break
+                if watcher.should_stop(self.device):
+                    self._save(iteration, stage)
+                    result.exit_code, result.reason = EXIT_CODE_REQUEUE, (
+                        f"signal {','.join(watcher.received) or 'on another rank'}: checkpoint saved at iteration "
+                        f"{iteration}; exit code {EXIT_CODE_REQUEUE} asks the scheduler to requeue")
+                    break
+                if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+                    self._save(iteration, stage)
+            else:
+                self._save(iteration, stage)
+                result.reason = f"finished {iteration} iterations"
+        result.iteration = iteration
+        summary = logger.summary()
+        logger.log_event(f"{result.reason} | {_summary_line(summary)} | checkpoints: {self.ckpt_dir} | "
+                         f"TensorBoard: {self.run_dir / 'tensorboard'} | metrics: {self.run_dir / 'metrics.jsonl'}")
+        logger.close()
+        return result
+
+    def _save(self, iteration: int, stage: Stage) -> None:
+        if ckpt.latest_checkpoint(self.ckpt_dir) == self.ckpt_dir / ckpt.checkpoint_name(iteration):
+            return
+        ckpt.save_checkpoint(self.ckpt_dir, iteration, chunks=self.chunks, optimizer=self.optimizer,
+                             scheduler=self.scheduler, model_cfg=stage.model,
+                             common={"iteration": iteration, "stage": stage.index},
+                             keep_last=self.cfg.checkpoint.keep_last, config_yaml=self.config_yaml)
+
+    def _switch_stage(self, stage: Stage) -> None:
+        for chunk in self.chunks:
+            replace_position_encoding(_unwrap(chunk), stage.model)
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().double(), num_tokens.double()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _read_common(path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def _tokenizer_eod(data) -> Optional[int]:
+    if data.tokenizer_model is None:
+        return None
+    from megatron_harpe.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(data.tokenizer_type, data.tokenizer_model).eod_id
+
+
+def _flops_per_token(stage: Stage) -> float:
+    m = stage.model
+    return model_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.groups,
+                                 m.vocab_size, stage.seq_length)
+
+
+def _peak_tflops(cfg: Config) -> Optional[float]:
+    if cfg.logging.peak_tflops_per_device is not None:
+        return cfg.logging.peak_tflops_per_device
+    return 989.0 if torch.cuda.is_available() else None  # H100 SXM dense bf16
+
+
+def _position_summary(stage: Stage) -> str:
+    pos = stage.model.position
+    if pos.kind == "harpe":
+        bases = pos.bases or []
+        return f"HARPE {len(bases)} bases {min(bases):.3g}..{max(bases):.3g}" if bases else "HARPE"
+    return f"{pos.kind} base {pos.base:.3g}"
+
+
+def _summary_line(summary: dict) -> str:
+    parts = []
+    if summary.get("first_loss") is not None:
+        parts.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    if summary.get("mean_tokens_per_s"):
+        parts.append(f"{summary['mean_tokens_per_s']:,.0f} tok/s")
+    if summary.get("peak_memory_bytes"):
+        parts.append(f"peak mem {summary['peak_memory_bytes'] / 2**30:.2f} GiB")
+    return ", ".join(parts)
+
+
+def run(cfg: Config) -> RunResult:
+    """Train with an initialised default process group (see megatron_harpe.train for the CLI)."""
+    trainer = Trainer(copy.deepcopy(cfg))
+    try:
+        return trainer.run()
+    finally:
+        ps.destroy_model_parallel()

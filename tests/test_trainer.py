@@ -1,0 +1,104 @@
+"""harpe-train on CPU with real gloo process groups: loss falls, exact resume after a signal,
+resharded resume, staged schedules, all five example methods, launchers, bad configs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO_ROOT, free_port, run_workers
+
+WORKER = "tests/workers/train_worker.py"
+TINY = "examples/tiny"
+
+
+def train(tmp_path, name, nproc, *overrides, config="harpe.yaml", signal_at=None):
+    """Run harpe-train under torchrun; returns rank 0's {exit_code, losses, iteration, reason}."""
+    out = tmp_path / f"out_{name}"
+    args = ["--", "--config", f"{TINY}/{config}", f"run_dir={tmp_path / name}", *overrides]
+    if signal_at is not None:
+        args = ["--send-signal-at", str(signal_at)] + args
+    results = run_workers(WORKER, nproc, out, *args)
+    for r in results[1:]:  # every rank reports the same losses (they are reduced and shared)
+        assert r["losses"] == results[0]["losses"]
+    return results[0]
+
+
+def losses(result):
+    return {int(k): v for k, v in result["losses"].items()}
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.tensor=2"],
+    ["parallel.pipeline=2", "data.global_batch_size=4"],
+    ["parallel.distributed_optimizer=true"],  # DP=2 with the distributed optimizer
+])
+def test_resume_after_signal_is_bit_identical(tmp_path, layout):
+    straight = train(tmp_path, "straight", 2, *layout)
+    assert straight["exit_code"] == 0 and len(straight["losses"]) == 8
+    first = train(tmp_path, "resumed", 2, *layout, signal_at=4)
+    assert first["exit_code"] == 75, first["reason"]  # checkpointed, asks to be requeued
+    assert sorted(losses(first)) == [1, 2, 3, 4]
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    second = train(tmp_path, "resumed", 2, *layout)
+    assert second["exit_code"] == 0
+    assert sorted(losses(second)) == [5, 6, 7, 8]
+    assert {**losses(first), **losses(second)} == losses(straight)  # bit-identical trace
+
+
+def test_resume_with_another_tensor_parallel_size(tmp_path):
+    straight = train(tmp_path, "straight", 2, "parallel.tensor=2")
+    train(tmp_path, "resharded", 2, "parallel.tensor=2", signal_at=4)
+    resumed = train(tmp_path, "resharded", 1)  # TP=2 checkpoint, TP=1 run
+    assert resumed["exit_code"] == 0
+    for it in (5, 6, 7, 8):
+        assert abs(losses(resumed)[it] - losses(straight)[it]) < 1e-4, (it, losses(resumed), losses(straight))
+
+
+def test_stage_schedule_switches_length_and_base(tmp_path):
+    result = train(tmp_path, "abf_multi", 1, config="abf_multi.yaml")
+    assert result["exit_code"] == 0 and sorted(losses(result)) == list(range(1, 9))
+    events = [json.loads(line) for line in (tmp_path / "abf_multi" / "metrics.jsonl").read_text().splitlines()]
+    stage_of = {e["iteration"]: e["stage"] for e in events if "stage" in e}
+    assert [stage_of[i] for i in range(1, 9)] == [0, 0, 0, 1, 1, 1, 2, 2]
+    begins = [e["event"] for e in events if "event" in e and "begins" in e["event"]]
+    assert "stage 1 (s64) begins at iteration 3: seq_length 64, rope base 5e+04" in begins
+    assert "stage 2 (s128) begins at iteration 6: seq_length 128, rope base 2e+05" in begins
+    # the stage ends were checkpointed with their own base, the final one with the last
+    ckpts = tmp_path / "abf_multi" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000006", "iter_0000008"]  # keep_last 2
+
+
+@pytest.mark.parametrize("method", ["harpe", "abf_single", "abf_multi", "pi", "yarn"])
+def test_tiny_example_methods_run(tmp_path, method):
+    result = train(tmp_path, method, 1, "training.iterations=3", "stages=[]" if method == "abf_multi" else
+                   "logging.interval=1", config=f"{method}.yaml")
+    assert result["exit_code"] == 0 and len(result["losses"]) == 3
+
+
+def test_loss_falls_on_mock_data(tmp_path):
+    result = train(tmp_path, "falls", 2, "parallel.tensor=2", "training.iterations=30", "optimizer.lr=1e-2",
+                   "data.seq_length=64")
+    trace = losses(result)
+    assert sum(trace[i] for i in range(26, 31)) / 5 < 0.8 * sum(trace[i] for i in range(1, 6)) / 5, trace
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_heads=4"], "unknown key(s): model.num_heads"),
+    (["model.position.bases=[10000,20000,30000]"], "3 bases but the model has 2 K/V groups"),
+    (["parallel.tensor=8"], "world size 2 is not divisible"),
+    (["parallel.tensor=2", "model.num_query_groups=1"], "num_query_groups (1) must be divisible"),
+    (["parallel.context=2", "data.seq_length=30"], "divisible by 2 * context_parallel_size"),
+    (["data.kind=indexed", "data.blend=[/nonexistent/corpus]"], "/nonexistent/corpus.bin does not exist"),
+])
+def test_bad_configs_fail_fast_on_every_rank(tmp_path, overrides, message):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "megatron_harpe.train", "--config", f"{TINY}/harpe.yaml", f"run_dir={tmp_path}/bad", *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # both ranks, before any process group
+    assert not (tmp_path / "bad").exists()
