@@ -17,7 +17,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m megatron_harpe.demo
 
 clean:
 	rm -rf $(VENV) runs

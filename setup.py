@@ -36,6 +36,8 @@ setup(
     entry_points={
         "console_scripts": [
             "harpe-bases=megatron_harpe.rope.bases_cli:main",
+            "harpe-train=megatron_harpe.train:main",
+            "harpe-demo=megatron_harpe.demo:main",
             "harpe-train-tokenizer=megatron_harpe.data.train_tokenizer:main",
             "harpe-preprocess=megatron_harpe.data.preprocess:main",
             "harpe-upsample=megatron_harpe.data.upsample:main",

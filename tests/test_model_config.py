@@ -68,3 +68,23 @@ def test_position_metadata_round_trip_and_mismatch():
         verify_position_metadata(saved, position_metadata(harpe_model(bases=[1e4, 2e6])))
     with pytest.raises(ValueError, match="kind"):
         verify_position_metadata(saved, position_metadata(ModelConfig(num_attention_heads=4, num_query_groups=2)))
+
+
+@pytest.mark.parametrize("strategy, extra, expected", [
+    ("uniform", {}, [1e6, 3e6, 5e6]),
+    ("uniform-desc", {}, [5e6, 3e6, 1e6]),
+])
+def test_base_strategies_resolve_from_the_config(strategy, extra, expected):
+    position = PositionEmbeddingConfig(kind="harpe", base_strategy=strategy, **extra)
+    assert position.resolve_bases(3, 128) == expected
+
+
+def test_paper_and_search_strategies_resolve(tmp_path):
+    paper = PositionEmbeddingConfig(kind="harpe", base_strategy="paper-llama2-7b").resolve_bases(32, 128)
+    assert len(paper) == 32 and paper[0] == 1e6 and paper[-1] == 4.54e6
+    searched = PositionEmbeddingConfig(kind="harpe", base_strategy="peak-valley").resolve_bases(8, 128)
+    assert len(set(searched)) == 8 and searched[0] == 1e6
+    bases_file = tmp_path / "bases.json"
+    bases_file.write_text("[20000, 40000]")
+    from_file = PositionEmbeddingConfig(kind="harpe", base_strategy="file", bases_file=str(bases_file))
+    assert from_file.resolve_bases(2, 64) == [20000.0, 40000.0]

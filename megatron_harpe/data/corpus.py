@@ -400,7 +400,7 @@ def write_demo_corpus(path: str | os.PathLike, num_docs: int = 1000, seed: int =
     """Write ``num_docs`` generated documents to ``path`` (jsonl, or jsonl.gz by suffix).
 
     Keyword arguments go to :func:`generate_documents`. Returns a summary:
-    ``{"path", "documents", "bytes_text", "per_source": {source: documents}}``.
+    ``{"path", "documents", "chars_text", "per_source": {source: documents}}``.
     """
     per_source: dict[str, int] = {}
     chars = 0

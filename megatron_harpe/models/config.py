@@ -54,9 +54,16 @@ class PositionEmbeddingConfig:
         if self.bases is not None:
             bases = [float(b) for b in self.bases]
         elif self.base_strategy is not None:
-            bases = make_base_set(self.base_strategy, num_bases=num_query_groups, b_min=self.base_min,
-                                  b_max=self.base_max, stride=self.base_stride, head_dim=head_dim,
-                                  path=self.bases_file)
+            # pass each strategy only the settings it takes (make_base_set rejects the others)
+            strategy = self.base_strategy
+            kwargs = {}
+            if strategy in ("uniform", "uniform-desc", "peak-valley"):
+                kwargs.update(b_min=self.base_min, b_max=self.base_max)
+            if strategy == "peak-valley":
+                kwargs.update(stride=self.base_stride)
+            if strategy == "file":
+                kwargs.update(path=self.bases_file)
+            bases = make_base_set(strategy, num_bases=num_query_groups, head_dim=head_dim, **kwargs)
         else:
             raise ValueError("position.kind=harpe needs position.bases (a list, one per K/V group) or "
                              "position.base_strategy (uniform, uniform-desc, peak-valley, "

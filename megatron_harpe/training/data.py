@@ -46,6 +46,10 @@ class TokenIds:
     vocab_size: int
     eod: int
 
+    @property
+    def unique_identifiers(self) -> dict:  # GPTDataset writes these into its index-cache description
+        return {"class": "TokenIds", "vocab_size": self.vocab_size, "eod": self.eod}
+
 
 def parse_blend(blend: List) -> tuple:
     """["a", "b"] or [w1, "a", w2, "b"] -> (prefixes, weights or None)."""
@@ -76,6 +80,10 @@ def build_train_dataset(data: DataConfig, *, vocab_size: int, seq_length: int, n
         return MockArithmeticDataset(vocab_size, seq_length, num_samples, seed)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from megatron_harpe.data.helpers import ensure_helpers
+
+    ensure_helpers()  # megatron-core's C++ sample-index helpers (prebuilt in wheels; built once otherwise)
 
     if (data.eod_mask_loss or data.reset_position_ids) and eod_id is None:
         raise ValueError("data.eod_mask_loss / data.reset_position_ids need the EOD id: set data.tokenizer_model")
