@@ -166,3 +166,20 @@ def test_demo_pipeline_trains_on_real_indexed_data(tmp_path):
     assert (run_dir / "train" / "checkpoints" / "latest").read_text().strip() == "iter_0000040"
     assert list((run_dir / "train" / "tensorboard").iterdir())
     assert "harpe-demo: done" in proc.stdout and "loss curve" in proc.stdout
+
+
+def test_parallel_layouts_train_the_same_model(tmp_path):
+    """From the same weights (init_from: random init differs per pipeline layout, as in
+    megatron-core), a 4-layer run at world 1, with CP=2, with DP=2, and with PP=2 x VPP=2
+    (interleaved 1F1B) gives the same loss trace: the per-token loss normalisation and every
+    schedule agree."""
+    common = ["model.num_layers=4"]
+    train(tmp_path, "seed", 1, *common, "training.iterations=1")
+    start = [f"training.init_from={tmp_path / 'seed' / 'checkpoints'}", "training.iterations=3"]
+    single = losses(train(tmp_path, "single", 1, *common, *start))
+    for name, layout in {"cp2": ["parallel.context=2"], "dp2": [],
+                         "vpp": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]}.items():
+        other = losses(train(tmp_path, name, 2, *common, *start, *layout))
+        assert other.keys() == single.keys()
+        for it in single:
+            assert abs(other[it] - single[it]) < 2e-5, (name, it, other, single)
