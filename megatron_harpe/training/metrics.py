@@ -544,7 +544,9 @@ class MetricsLogger:
         if record.get("tokens_per_s") is not None:
             parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if record.get("tflops_per_device") is not None:
-            parts.append(f"{record['tflops_per_device']:.1f} TFLOP/s/dev")
+            tflops = record["tflops_per_device"]
+            # CPU and tiny models run at GFLOP/s: keep the number readable instead of "0.0 TFLOP/s"
+            parts.append(f"{tflops:.1f} TFLOP/s/dev" if tflops >= 1.0 else f"{tflops * 1e3:.2f} GFLOP/s/dev")
         if record.get("mfu") is not None:
             parts.append(f"MFU {100.0 * record['mfu']:.1f}%")
         parts.append(f"mem {record['peak_memory_bytes'] / GiB:.1f} GiB")
