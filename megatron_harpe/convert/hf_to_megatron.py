@@ -1,0 +1,170 @@
+"""Hugging Face Llama -> megatron-core torch_dist checkpoint (what `training.init_from` loads).
+
+    convert_hf_to_megatron("Llama-2-7b-hf", "ckpt/llama2-7b-harpe", tp=8, pp=1,
+                           position=PositionEmbeddingConfig(kind="harpe", base_strategy="paper-llama2-7b"))
+
+The model is built at TP=1/PP=1 in one process with the project's provider, the HF tensors are
+copied into it one parameter at a time (fused QKV, [gate; up]), and it is saved with
+megatron-core dist_checkpointing; a run with any TP/PP loads it (torch_dist reshards). `tp`/`pp`
+only check, before any work, that the model can be split that way.
+
+The checkpoint directory holds, beside the weights:
+- common state: the position-encoding record (checked on resume), the ModelConfig
+  (`megatron_harpe_model`, so megatron-to-hf needs no config) and where it came from
+  (`megatron_harpe_conversion`: HF config, vocabulary size before padding, dtype);
+- `model.yaml`: the `model:` section to put in the harpe-train config;
+- `hf_source/`: the HF config.json, generation_config.json and tokenizer files, which
+  megatron-to-hf reuses (also for runs started from this checkpoint with init_from).
+
+Choosing a position encoding here (e.g. HARPE) is the continual-pretraining start: the weights
+are those of the single-base model, the record says what the run will train with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from megatron_harpe.convert.errors import ConversionError
+from megatron_harpe.convert.hf_checkpoint import HFCheckpoint
+from megatron_harpe.convert.hf_config import explicit_bases, model_config_from_hf, read_hf_config
+from megatron_harpe.convert.mapping import IGNORED_HF_SUFFIXES, hf_sources, megatron_tensor
+from megatron_harpe.convert.megatron_io import (CONVERSION_KEY, HF_SOURCE_DIR, MODEL_KEY, MODEL_YAML,
+                                                build_full_model, dtype_name, parse_dtype, single_process_world)
+from megatron_harpe.convert.summary import ConversionSummary, position_summary, progress, publish, staging_dir
+from megatron_harpe.convert.tokenizer_files import copy_tokenizer_files
+from megatron_harpe.models.config import ModelConfig, PositionEmbeddingConfig
+
+
+def plan_model_config(hf_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                      position: Optional[PositionEmbeddingConfig] = None,
+                      max_position_embeddings: Optional[int] = None,
+                      make_vocab_size_divisible_by: int = 1) -> tuple[ModelConfig, dict, int]:
+    """(ModelConfig, HF config, HF vocabulary size), checked against the TP/PP layout."""
+    hf = read_hf_config(hf_dir)
+    model_cfg = model_config_from_hf(hf, position=position, max_position_embeddings=max_position_embeddings)
+    hf_vocab = model_cfg.vocab_size
+    if make_vocab_size_divisible_by > 1:
+        multiple = make_vocab_size_divisible_by
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=-(-hf_vocab // multiple) * multiple)
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"--tp and --pp must be >= 1; got {tp}, {pp}")
+    try:
+        model_cfg.validate(tensor_parallel=tp)
+        model_cfg = explicit_bases(model_cfg)
+    except ValueError as err:
+        hint = " (--make-vocab-size-divisible-by N pads it)" if "vocab_size" in str(err) else ""
+        raise ConversionError(f"cannot convert {hf_dir} (for TP={tp}): {err}{hint}") from None
+    if model_cfg.num_layers % pp:
+        raise ConversionError(f"num_hidden_layers ({model_cfg.num_layers}) is not divisible by --pp {pp}; each "
+                              f"pipeline stage holds the same number of layers")
+    return model_cfg, hf, hf_vocab
+
+
+def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1,
+                           position: Optional[PositionEmbeddingConfig] = None,
+                           max_position_embeddings: Optional[int] = None, dtype: Optional[str] = "auto",
+                           make_vocab_size_divisible_by: int = 1, overwrite: bool = False,
+                           show_progress: bool = True, verify: bool = False) -> ConversionSummary:
+    """Convert a HF Llama-family checkpoint; see the module docstring. Returns the summary."""
+    started = time.perf_counter()
+    hf_dir, save = Path(hf_dir), Path(save)
+    model_cfg, hf, hf_vocab = plan_model_config(hf_dir, tp=tp, pp=pp, position=position,
+                                                max_position_embeddings=max_position_embeddings,
+                                                make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    reader = HFCheckpoint(hf_dir)
+    params_dtype = parse_dtype(dtype) or reader.dtype()
+    staging = staging_dir(save, overwrite)
+    tied_in_hf = model_cfg.tie_embeddings
+    _check_output_layer(reader, tied_in_hf, hf_dir)
+    parameters = tensors = 0
+    extra = {}
+    try:
+        with single_process_world():
+            from megatron_harpe.models.checkpoint import save_model
+
+            model = build_full_model(model_cfg, params_dtype)
+            used = set()
+            named = list(model.named_parameters())
+            with torch.no_grad():
+                for name, param in progress(named, len(named), "hf -> megatron", show_progress):
+                    used.update(hf_sources(name, tied_in_hf))
+                    value = megatron_tensor(name, reader.get, model_cfg, tied_in_hf)
+                    if value.shape != param.shape:
+                        raise ConversionError(
+                            f"shape mismatch: {name} is {tuple(param.shape)} in the model that config.json describes, "
+                            f"but {hf_sources(name, tied_in_hf)} give {tuple(value.shape)}; config.json and the "
+                            f"weights do not belong together")
+                    param.copy_(value)
+                    parameters += param.numel()
+                    tensors += 1
+            if tied_in_hf:
+                used.add("lm_head.weight")  # checked equal to the embedding above
+            unused = sorted(n for n in set(reader.names()) - used if not n.endswith(IGNORED_HF_SUFFIXES))
+            if unused:
+                raise ConversionError(f"{hf_dir} has {len(unused)} tensor(s) a Llama model does not use, e.g. "
+                                      f"{unused[:4]}; refusing to drop weights silently (unsupported architecture?)")
+            if verify:
+                extra["max |logit diff| vs HF"] = f"{_verify_against_hf(model, hf_dir, model_cfg, hf_vocab):.3g}"
+            conversion = {"source": "huggingface", "hf_dir": str(hf_dir.resolve()), "hf_config": hf,
+                          "hf_vocab_size": hf_vocab, "dtype": dtype_name(params_dtype),
+                          "hf_source_dir": HF_SOURCE_DIR, "intended_layout": {"tp": tp, "pp": pp}}
+            save_model([model], model_cfg, staging,
+                       extra_common={MODEL_KEY: dataclasses.asdict(model_cfg), CONVERSION_KEY: conversion})
+        reader.close()
+        _write_side_files(staging, hf_dir, model_cfg)
+        publish(staging, save)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(f".{staging.name}.incomplete"), ignore_errors=True)  # save_model's own
+        raise
+    return ConversionSummary("hf-to-megatron", str(hf_dir), str(save), parameters=parameters, tensors=tensors,
+                             shards=len(reader.files), seconds=time.perf_counter() - started,
+                             dtype=dtype_name(params_dtype), position=position_summary(model_cfg.position),
+                             extra={"loads at": f"TP={tp} PP={pp} (any layout)", **extra})
+
+
+def _check_output_layer(reader: HFCheckpoint, tied: bool, hf_dir: Path) -> None:
+    if not tied and "lm_head.weight" not in reader:
+        raise ConversionError(f"{hf_dir}: tie_word_embeddings is false but there is no lm_head.weight")
+    if tied and "lm_head.weight" in reader and not torch.equal(reader.get("lm_head.weight"),
+                                                               reader.get("model.embed_tokens.weight")):
+        raise ConversionError(f"{hf_dir}: tie_word_embeddings is true but lm_head.weight differs from "
+                              f"model.embed_tokens.weight; fix config.json")
+
+
+def _write_side_files(staging: Path, hf_dir: Path, model_cfg: ModelConfig) -> None:
+    source = staging / HF_SOURCE_DIR
+    source.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, source / name)
+    copy_tokenizer_files(hf_dir, source)
+    model_yaml = yaml.safe_dump({"model": dataclasses.asdict(model_cfg)}, sort_keys=False)
+    (staging / MODEL_YAML).write_text("# the model: section for harpe-train configs that start from this checkpoint "
+                                      "(training.init_from)\n" + model_yaml)
+
+
+def _verify_against_hf(model, hf_dir: Path, model_cfg: ModelConfig, hf_vocab: int) -> float:
+    """Max |logit difference| between the megatron model and transformers' model on random ids.
+
+    Meaningful when the position encoding was kept; with a new one (e.g. HARPE) the two models
+    differ by design and the number shows by how much.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from megatron_harpe.convert.megatron_io import megatron_logits
+
+    dtype = next(model.parameters()).dtype
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, trust_remote_code=True).eval()
+    ids = torch.randint(0, hf_vocab, (1, min(64, model_cfg.max_position_embeddings)),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf_model(ids).logits.float()
+    got = megatron_logits(model, ids)[..., :hf_vocab].float()
+    return (got - expected).abs().max().item()
