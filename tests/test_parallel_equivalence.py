@@ -93,6 +93,9 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_its_bases(two_rank_results):
         assert verdict["saved_bases"] == [10000.0, 1000000.0] == verdict["bases_on_disk"]
         assert "bases: checkpoint" in verdict["refusal"] and "[10000.0, 2000000.0]" in verdict["refusal"]
         assert verdict["no_staging_left"]
+        # keys as Transformer Engine's spec names them, so checkpoints move between CPU and TE clusters
+        assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in verdict["saved_keys"]
+        assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in verdict["saved_keys"]
 
 
 def test_every_position_scheme_builds_and_trains(two_rank_results):

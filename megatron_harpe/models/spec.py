@@ -61,6 +61,12 @@ def local_llama_layer_spec() -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             mlp_bda=get_bias_dropout_add,
+            # checkpoint keys as in the Transformer Engine spec (norms fused into the next linear),
+            # so CPU-trained or converted checkpoints load on TE clusters and the reverse
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
         ),
     )
 

@@ -242,7 +242,11 @@ def checkpoint_tp2_to_tp1(ref, out_dir: str):
         refusal = ""
     except ValueError as err:
         refusal = str(err)
-    return {"max_diff": diff, "saved_bases": common["megatron_harpe_position_embedding"]["bases"],
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    saved_keys = sorted(load_tensors_metadata(directory).keys())
+    return {"max_diff": diff, "saved_keys": saved_keys,
+            "saved_bases": common["megatron_harpe_position_embedding"]["bases"],
             "bases_on_disk": read_common_state(directory)["megatron_harpe_position_embedding"]["bases"],
             "refusal": refusal, "no_staging_left": not os.path.exists(os.path.join(out_dir, ".ckpt_tp2.incomplete"))}
 
