@@ -4,7 +4,9 @@
   2. a sentencepiece tokenizer trained on it          (harpe-train-tokenizer)
   3. the corpus as megatron indexed data               (harpe-preprocess)
   4. a tiny Llama-style HARPE model trained on CPU by 2 processes, TP=2   (harpe-train under torchrun)
-  5. a summary: the loss curve, where the checkpoints, TensorBoard logs and metrics are
+  5. the trained model exported to Hugging Face (HARPE's own config/modeling files) and a greedy
+     generation from it                                 (harpe-convert megatron-to-hf)
+  6. a summary: the loss curve, where the checkpoints, TensorBoard logs, metrics and export are
 
 Each step uses the same command a user would run, so the demo is also a smoke test of them.
 Steps whose outputs already exist are skipped (delete the run directory to start over).
@@ -37,18 +39,18 @@ def prepare_data(run_dir: Path, num_docs: int, vocab_size: int, seed: int) -> tu
     prefix = run_dir / "data" / "corpus"
     document_prefix = Path(f"{prefix}_text_document")
     if not corpus.exists():
-        _step(f"1/4 generating a corpus of {num_docs} documents -> {corpus}")
+        _step(f"1/5 generating a corpus of {num_docs} documents -> {corpus}")
         info = write_demo_corpus(corpus, num_docs=num_docs, seed=seed)
         print(f"{info['documents']} documents, {info['chars_text'] / 1e6:.1f}M characters, sources: "
               f"{', '.join(f'{k} {v}' for k, v in sorted(info['per_source'].items()))}")
     if not (tokenizer_dir / "tokenizer.model").exists():
-        _step(f"2/4 training a sentencepiece tokenizer (vocab {vocab_size}) -> {tokenizer_dir}")
+        _step(f"2/5 training a sentencepiece tokenizer (vocab {vocab_size}) -> {tokenizer_dir}")
         code = train_tokenizer_main(["--input", str(corpus), "--type", "sentencepiece", "--vocab-size",
                                      str(vocab_size), "--output-dir", str(tokenizer_dir), "--max-lines", "200000"])
         if code:
             raise SystemExit(code)
     if not Path(f"{document_prefix}.idx").exists():
-        _step(f"3/4 preprocessing -> {document_prefix}.bin/.idx")
+        _step(f"3/5 preprocessing -> {document_prefix}.bin/.idx")
         code = preprocess_main(["--input", str(corpus), "--tokenizer-type", "sentencepiece", "--tokenizer-model",
                                 str(tokenizer_dir / "tokenizer.model"), "--output-prefix", str(prefix),
                                 "--append-eod", "--workers", "2"])
@@ -58,7 +60,7 @@ def prepare_data(run_dir: Path, num_docs: int, vocab_size: int, seed: int) -> tu
 
 
 def train(run_dir: Path, tokenizer: Path, data_prefix: Path, overrides: list[str], nproc: int) -> int:
-    _step(f"4/4 training a tiny HARPE model on CPU: {nproc} processes (TP={nproc}) -> {run_dir}")
+    _step(f"4/5 training a tiny HARPE model on CPU: {nproc} processes (TP={nproc}) -> {run_dir}")
     from megatron_harpe.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer("sentencepiece", str(tokenizer)).vocab_size
@@ -108,10 +110,15 @@ def main(argv=None) -> int:
         return code
     metrics = train_dir / "metrics.jsonl"
     print("\nloss curve (mean per bucket):\n" + loss_curve(metrics))
+    _step(f"5/5 exporting to Hugging Face and generating -> {run_dir / 'hf'}")
+    from megatron_harpe.convert import export_and_generate
+
+    exported = export_and_generate(train_dir, str(tokenizer), "The pass key is", out_dir=str(run_dir / "hf"))
     first_last = [json.loads(l) for l in metrics.read_text().splitlines() if '"loss"' in l]
     print(f"\nharpe-demo: done in {time.perf_counter() - started:.0f} s | loss {first_last[0]['loss']:.3f} -> "
           f"{first_last[-1]['loss']:.3f} | checkpoints {train_dir / 'checkpoints'} | TensorBoard "
-          f"{train_dir / 'tensorboard'} (tensorboard --logdir {train_dir / 'tensorboard'}) | metrics {metrics}")
+          f"{train_dir / 'tensorboard'} (tensorboard --logdir {train_dir / 'tensorboard'}) | metrics {metrics} | "
+          f"Hugging Face model {exported['hf_dir']}")
     return 0
 
 

@@ -166,6 +166,10 @@ def test_demo_pipeline_trains_on_real_indexed_data(tmp_path):
     assert (run_dir / "train" / "checkpoints" / "latest").read_text().strip() == "iter_0000040"
     assert list((run_dir / "train" / "tensorboard").iterdir())
     assert "harpe-demo: done" in proc.stdout and "loss curve" in proc.stdout
+    # exported to Hugging Face with HARPE's own modeling code, and generated from
+    config = json.loads((run_dir / "hf" / "config.json").read_text())
+    assert config["harpe_bases"] == [10000.0, 500000.0] and "auto_map" in config
+    assert "'The pass key is' -> '" in proc.stdout  # the greedy completion, printed by the export step
 
 
 def test_parallel_layouts_train_the_same_model(tmp_path):
