@@ -15,12 +15,12 @@ WORKER = "tests/workers/train_worker.py"
 TINY = "examples/tiny"
 
 
-def train(tmp_path, name, nproc, *overrides, config="harpe.yaml", signal_at=None):
+def train(tmp_path, name, nproc, *overrides, config="harpe.yaml", signal_at=None, signal_children=False):
     """Run harpe-train under torchrun; returns rank 0's {exit_code, losses, iteration, reason}."""
     out = tmp_path / f"out_{name}"
     args = ["--", "--config", f"{TINY}/{config}", f"run_dir={tmp_path / name}", *overrides]
     if signal_at is not None:
-        args = ["--send-signal-at", str(signal_at)] + args
+        args = ["--send-signal-at", str(signal_at)] + (["--signal-children"] if signal_children else []) + args
     results = run_workers(WORKER, nproc, out, *args)
     for r in results[1:]:  # every rank reports the same losses (they are reduced and shared)
         assert r["losses"] == results[0]["losses"]
@@ -47,6 +47,16 @@ def test_resume_after_signal_is_bit_identical(tmp_path, layout):
     assert second["exit_code"] == 0
     assert sorted(losses(second)) == [5, 6, 7, 8]
     assert {**losses(first), **losses(second)} == losses(straight)  # bit-identical trace
+
+
+def test_signal_to_every_process_still_checkpoints(tmp_path):
+    """Slurm signals every process of a step, megatron-core's checkpoint-writer helper included
+    (started by the periodic save at iteration 2): the save on the signal must still succeed."""
+    first = train(tmp_path, "all", 1, "checkpoint.save_interval=2", signal_at=4, signal_children=True)
+    assert first["exit_code"] == 75, first["reason"]
+    assert (tmp_path / "all" / "checkpoints" / "latest").read_text().strip() == "iter_0000004"
+    second = train(tmp_path, "all", 1, "checkpoint.save_interval=2")
+    assert second["exit_code"] == 0 and sorted(losses(second)) == [5, 6, 7, 8]
 
 
 def test_resume_with_another_tensor_parallel_size(tmp_path):

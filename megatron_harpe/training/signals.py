@@ -29,6 +29,26 @@ def parse_signals(names: Iterable[str]) -> List[signal.Signals]:
     return result
 
 
+def start_checkpoint_writer_shielded(signals: Iterable[signal.Signals]) -> None:
+    """Start megatron-core's checkpoint-writer helper process with the exit signals ignored.
+
+    megatron-core's torch_dist writer spawns a multiprocessing manager process at the first save.
+    Schedulers deliver signals to every process of a job step (Slurm's `scancel --signal`, srun's
+    forwarding, preemption SIGTERM), so that helper would die of the very signal that asks us to
+    checkpoint, and the save would fail (BrokenPipeError). An ignored disposition survives exec,
+    so starting the helper while the signals are ignored makes it immune; the trainer's own
+    handlers are installed afterwards.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class SignalWatcher:
     """Records configured signals; `should_stop()` is a collective that all ranks call together."""
 

@@ -41,7 +41,13 @@ from megatron_harpe.models.provider import build_model, replace_position_encodin
 from megatron_harpe.training import checkpointing as ckpt
 from megatron_harpe.training.data import MicroBatches, build_train_dataset, iterators_for_chunks
 from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token
-from megatron_harpe.training.signals import EXIT_CODE_NONFINITE_LOSS, EXIT_CODE_REQUEUE, SignalWatcher
+from megatron_harpe.training.signals import (
+    EXIT_CODE_NONFINITE_LOSS,
+    EXIT_CODE_REQUEUE,
+    SignalWatcher,
+    parse_signals,
+    start_checkpoint_writer_shielded,
+)
 from megatron_harpe.training.stages import Stage, build_schedule, stage_at
 
 
@@ -233,6 +239,7 @@ class Trainer:
         result = RunResult(exit_code=0, iteration=iteration)
         stage = stage_at(self.stages, iteration)
         data = self._data_for(stage)
+        start_checkpoint_writer_shielded(parse_signals(cfg.checkpoint.exit_signals))
         with SignalWatcher(cfg.checkpoint.exit_signals) as watcher:
             while iteration < self.total_iterations:
                 if iteration >= stage.end_iteration:  # stage boundary

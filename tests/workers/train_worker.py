@@ -16,6 +16,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--send-signal-at", type=int, default=None)
+    parser.add_argument("--signal-children", action="store_true",
+                        help="also signal rank 0's child processes, as Slurm signals every process of a step")
     args, rest = parser.parse_known_args()
     if rest and rest[0] == "--":
         rest = rest[1:]
@@ -37,7 +39,12 @@ def main():
                 out = original_step(self, stage, batches)
                 state["n"] += 1
                 if state["n"] == args.send_signal_at and int(os.environ.get("RANK", "0")) == 0:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    if args.signal_children:
+                        import psutil
+
+                        for child in psutil.Process().children(recursive=True):
+                            child.send_signal(signal.SIGUSR1)
+                    os.kill(os.getpid(), signal.SIGUSR1 if args.signal_children else signal.SIGTERM)
                 return out
 
             trainer_mod.Trainer.train_step = step
