@@ -41,6 +41,7 @@ setup(
             "harpe-train-tokenizer=megatron_harpe.data.train_tokenizer:main",
             "harpe-preprocess=megatron_harpe.data.preprocess:main",
             "harpe-upsample=megatron_harpe.data.upsample:main",
+            "harpe-eval=megatron_harpe.evaluation.cli:main",
             "harpe-convert=megatron_harpe.convert.cli:main",
             "harpe-merge-data=megatron_harpe.data.merge:main",
             "harpe-sweep=megatron_harpe.slurm.sweep:main",
