@@ -6,7 +6,8 @@
   4. a tiny Llama-style HARPE model trained on CPU by 2 processes, TP=2   (harpe-train under torchrun)
   5. the trained model exported to Hugging Face (HARPE's own config/modeling files) and a greedy
      generation from it                                 (harpe-convert megatron-to-hf)
-  6. a summary: the loss curve, where the checkpoints, TensorBoard logs, metrics and export are
+  6. a passkey / needle / perplexity evaluation of the exported model (harpe-eval), as a table
+  7. a summary: the loss curve, where the checkpoints, TensorBoard logs, metrics and export are
 
 Each step uses the same command a user would run, so the demo is also a smoke test of them.
 Steps whose outputs already exist are skipped (delete the run directory to start over).
@@ -114,6 +115,11 @@ def main(argv=None) -> int:
     from megatron_harpe.convert import export_and_generate
 
     exported = export_and_generate(train_dir, str(tokenizer), "The pass key is", out_dir=str(run_dir / "hf"))
+    _step("evaluating the exported model: passkey, needle, perplexity")
+    from megatron_harpe.evaluation import demo_eval
+
+    # trained at 256 tokens: 384 and 512 show how the model does beyond its training length
+    print(demo_eval(run_dir / "hf", "sentencepiece", corpus=run_dir / "corpus.jsonl", lengths=(256, 384, 512)))
     first_last = [json.loads(l) for l in metrics.read_text().splitlines() if '"loss"' in l]
     print(f"\nharpe-demo: done in {time.perf_counter() - started:.0f} s | loss {first_last[0]['loss']:.3f} -> "
           f"{first_last[-1]['loss']:.3f} | checkpoints {train_dir / 'checkpoints'} | TensorBoard "

@@ -180,6 +180,7 @@ def test_demo_pipeline_trains_on_real_indexed_data(tmp_path):
     config = json.loads((run_dir / "hf" / "config.json").read_text())
     assert config["harpe_bases"] == [10000.0, 500000.0] and "auto_map" in config
     assert "'The pass key is' -> '" in proc.stdout  # the greedy completion, printed by the export step
+    assert "passkey" in proc.stdout.lower() and "| " in proc.stdout  # the evaluation table
 
 
 def test_parallel_layouts_train_the_same_model(tmp_path):
