@@ -25,6 +25,7 @@ import sys
 import time
 
 from megatron_harpe.data.indexed import check_indexed_dataset, read_index, remove_incomplete
+from megatron_harpe.data.cli_errors import run_reporting_errors
 
 PROG = "harpe-merge-data"
 
@@ -143,17 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        s = merge_datasets(args.input, args.output_prefix, progress=not args.no_progress)
-    except MergeError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''} (no output written)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
-        return 130
+    code, s = run_reporting_errors(PROG, lambda: merge_datasets(args.input, args.output_prefix,
+                                                                progress=not args.no_progress),
+                                   data_errors=(MergeError,), interrupted="no output written")
+    if code:
+        return code
     print(f"{PROG}: done: {s['inputs']} datasets -> {s['output']}.bin/.idx: {s['documents']:,} documents, "
           f"{s['tokens']:,} tokens ({s['dtype']}), {s['seconds']:.2f} s")
     return 0

@@ -22,6 +22,7 @@ from megatron_harpe.data.indexed import IndexedDatasetWriter
 from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs
 from megatron_harpe.data.pipeline import BadLine, ChunkResult, EncodeOptions, Progress, run_pipeline
 from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
+from megatron_harpe.data.cli_errors import run_reporting_errors
 
 PROG = "harpe-preprocess"
 
@@ -242,20 +243,10 @@ def main(argv: list[str] | None = None) -> int:
               f"given by --tokenizer-model", file=sys.stderr)
         return 2
     _install_sigterm()
-    try:
-        summary = preprocess(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, TokenizerError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''} (no output written)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written (incomplete files removed)", file=sys.stderr)
-        return 130
+    code, summary = run_reporting_errors(PROG, lambda: preprocess(args), usage_errors=(UsageError,),
+                                         data_errors=(DataError, TokenizerError))
+    if code:
+        return code
     for ex in summary["bad_line_examples"][:5]:
         print(f"{PROG}: skipped bad line {ex}", file=sys.stderr)
     for note in summary["word_cache_notes"]:

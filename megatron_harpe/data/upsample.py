@@ -46,6 +46,7 @@ from megatron_harpe.data.pipeline import ChunkResult, Progress, run_pipeline
 from megatron_harpe.data.preprocess import (Tally, UsageError, _install_sigterm, _Parser, add_input_args,
                                             add_runtime_args, add_tokenizer_args, encode_options)
 from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
+from megatron_harpe.data.cli_errors import run_reporting_errors
 
 PROG = "harpe-upsample"
 
@@ -371,20 +372,10 @@ def main(argv: list[str] | None = None) -> int:
               f"--output-prefix PREFIX [options]\n{PROG}: error: {e}", file=sys.stderr)
         return 2
     _install_sigterm()
-    try:
-        r = upsample(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, TokenizerError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''} (no output written)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written (incomplete files removed)", file=sys.stderr)
-        return 130
+    code, r = run_reporting_errors(PROG, lambda: upsample(args), usage_errors=(UsageError,),
+                                   data_errors=(DataError, TokenizerError, ValueError))
+    if code:
+        return code
     print(format_report(r), file=sys.stderr)
     print(f"{PROG}: wrote {r['output_prefix']}.bin/.idx and .report.json (--data-path {r['output_prefix']})",
           file=sys.stderr)
