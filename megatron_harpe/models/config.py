@@ -7,7 +7,6 @@ clear message on every rank instead of hanging a collective.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -236,16 +235,8 @@ def build_transformer_config(model: ModelConfig, *, tensor_parallel: int = 1, pi
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    """ModelConfig from a plain dict (YAML), rejecting unknown keys by name."""
-    data = dict(data)
-    position = data.pop("position", {}) or {}
-    _reject_unknown(ModelConfig, data, "model")
-    _reject_unknown(PositionEmbeddingConfig, position, "model.position")
-    return ModelConfig(position=PositionEmbeddingConfig(**position), **data)
+    """ModelConfig from a plain dict (YAML, a checkpoint record): the run config's own loader, so
+    unknown keys and wrong types get the same errors as in harpe-train's config."""
+    from megatron_harpe.config.loader import from_dict
 
-
-def _reject_unknown(cls, data: dict, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {where}: {unknown}; known keys: {sorted(known)}")
+    return from_dict(ModelConfig, dict(data), "model")
