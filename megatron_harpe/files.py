@@ -1,0 +1,59 @@
+"""Writing outputs so that an interrupted write never looks complete.
+
+Every tool that writes something a later step trusts (checkpoints, `latest`, configs, HF exports,
+reports) writes it under a temporary name in the same directory and renames it into place only
+when it is whole: a rename within one filesystem is atomic, so a reader sees the old version or
+the new one, never a half-written file. These are the only helpers for that; nothing else in the
+package hand-rolls a temp-name-and-rename.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` via a temporary sibling and a rename (flushed to disk first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def staging_path(final: str | os.PathLike) -> Path:
+    """Where a directory is built before `publish` renames it to `final` (a hidden sibling)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{INCOMPLETE_SUFFIX}")
+
+
+def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Replace `final` by the finished `staging` directory.
+
+    An existing `final` is first renamed aside and removed only after the new one is in place, so
+    an interruption leaves either the old directory or the new one under the final name.
+    """
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(final)
+    return final
+
+
+__all__ = ["atomic_write_text", "staging_path", "publish", "INCOMPLETE_SUFFIX"]
