@@ -1,4 +1,4 @@
-"""Process-group setup from any launcher (megatron_harpe/parallel/launch.py).
+"""Process-group setup from any launcher (megatron_harpe/parallel/launch/).
 
 Unit tests build launcher environments by hand; the MEASURED_* ones are trimmed copies of what
 Slurm 22.05 and the MPICH 5 wheel really export (single-node cluster on this kind of machine,
