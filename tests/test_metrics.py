@@ -1,4 +1,4 @@
-"""Tests for megatron_harpe.training.metrics: FLOPs formula, peak memory, MetricsLogger outputs."""
+"""Tests for megatron_harpe.training.metrics: FLOPs formula, peak memory, MetricsLogger outputs, summary."""
 import glob
 import io
 import json
@@ -10,14 +10,15 @@ import sys
 import pytest
 import torch
 
-from megatron_harpe.training import metrics
 from megatron_harpe.training.metrics import (
     MetricsLogger,
     device_peak_memory_bytes,
     flops_per_token_breakdown,
-    format_summary,
     model_flops_per_token,
+    summary_line,
 )
+from megatron_harpe.training.metrics import memory as metrics_memory
+from megatron_harpe.training.metrics import tensorboard as metrics_tensorboard
 
 GIB = 1 << 30
 
@@ -136,7 +137,7 @@ def test_device_peak_memory_bytes_cpu():
 # ------------------------------------------------------------------------------------ logger
 @pytest.fixture
 def fixed_memory(monkeypatch):
-    monkeypatch.setattr(metrics, "device_peak_memory_bytes", lambda: int(61.2 * GIB))
+    monkeypatch.setattr(metrics_memory, "device_peak_memory_bytes", lambda: int(61.2 * GIB))
 
 
 def _read_jsonl(path):
@@ -345,8 +346,32 @@ def test_summary(tmp_path, fixed_memory):
     assert s["total_time_s"] == pytest.approx(5.0)
     assert s["mean_tokens_per_s"] == pytest.approx(800.0)
     assert s["peak_memory_bytes"] == int(61.2 * GIB)
-    line = format_summary(s)
-    assert "4 iterations" in line and "loss 3.0000 -> 2.5000 (min 1.0000)" in line and "800 tok/s" in line
+    assert summary_line(s) == "loss 3.0000 -> 2.5000, 800 tok/s, peak mem 61.20 GiB"
+
+
+@pytest.mark.parametrize(
+    "summary, expected",
+    [
+        # thousands separator, and the last loss printed even when it is not finite
+        (dict(first_loss=2.0, last_loss=float("nan"), mean_tokens_per_s=12345.6,
+              peak_memory_bytes=3 * GIB // 2),
+         "loss 2.0000 -> nan, 12,346 tok/s, peak mem 1.50 GiB"),
+        # no timed step and no memory reading: those parts are left out, not printed as 0
+        (dict(first_loss=1.25, last_loss=1.0, mean_tokens_per_s=None, peak_memory_bytes=0),
+         "loss 1.2500 -> 1.0000"),
+        (dict(first_loss=None, last_loss=None, mean_tokens_per_s=0.0, peak_memory_bytes=GIB),
+         "peak mem 1.00 GiB"),
+    ],
+)
+def test_summary_line_leaves_out_missing_parts(summary, expected):
+    assert summary_line(summary) == expected
+
+
+def test_summary_line_of_a_non_logging_rank_is_empty(tmp_path):
+    logger = MetricsLogger(str(tmp_path / "run"), is_logging_rank=False, total_iterations=3)
+    _log(logger, 1)
+    assert summary_line(logger.summary()) == ""
+    logger.close()
 
 
 def test_extra_reserved_key_rejected(tmp_path):
@@ -431,7 +456,7 @@ def test_tensorboard_resume_purges_later_steps(tmp_path, fixed_memory):
 
 def test_missing_tensorboard_warns_once_and_continues(tmp_path, monkeypatch, fixed_memory):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    monkeypatch.setattr(metrics, "_tensorboard_warned", False)
+    monkeypatch.setattr(metrics_tensorboard, "_warned", False)
     with pytest.warns(RuntimeWarning, match="tensorboard") as record:
         for name in ("a", "b"):
             with MetricsLogger(str(tmp_path / name), is_logging_rank=True, total_iterations=1) as lg:
