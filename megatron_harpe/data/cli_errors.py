@@ -1,15 +1,49 @@
 """How the data tools turn failures into one stderr line and an exit code.
 
 Shared by harpe-preprocess, harpe-upsample and harpe-merge-data so that every tool answers a
-bad input, an I/O failure or Ctrl-C the same way: a message naming the problem, and the
-promise (kept by each tool's temp-name-then-rename writing) that no output was left behind.
+bad command line, a bad input, an I/O failure, Ctrl-C or SIGTERM the same way: a message naming
+the problem, and the promise (kept by each tool's temp-name-then-rename writing) that no output
+was left behind.
 """
 from __future__ import annotations
 
+import argparse
+import signal
 import sys
-from typing import Callable, Tuple, Type, TypeVar
+from typing import Callable, Sequence, Tuple, Type, TypeVar
 
 T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A bad command line: the tool prints its usage line and the message, exit code 2."""
+
+
+class UsageErrorParser(argparse.ArgumentParser):
+    """Raises UsageError instead of exiting, so the tool can print its own, shorter usage line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                       synopsis: str) -> argparse.Namespace | None:
+    """The parsed arguments, or None after printing ``usage: PROG <synopsis>`` and the error (exit code 2)."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as err:
+        print(f"usage: {parser.prog} {synopsis}\n{parser.prog}: error: {err}", file=sys.stderr)
+        return None
+
+
+def install_sigterm_as_interrupt() -> None:
+    """SIGTERM (Slurm's scancel, a timeout) raises KeyboardInterrupt, so the cleanup of Ctrl-C runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 def run_reporting_errors(prog: str, work: Callable[[], T], *, usage_errors: Tuple[Type[BaseException], ...] = (),

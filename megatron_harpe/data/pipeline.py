@@ -76,6 +76,13 @@ class ChunkResult:
     replaced_utf8: int = 0
     cache_disabled: str | None = None
 
+    def add_bad(self, line: int, kind: str, reason: str) -> None:
+        """Count a bad line by kind; only the first few reasons travel back (the caller reports a handful)."""
+        self.bad_count += 1
+        self.bad_reasons[kind] = self.bad_reasons.get(kind, 0) + 1
+        if len(self.bad) < MAX_BAD_REPORTED:
+            self.bad.append((line, reason))
+
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -85,9 +92,7 @@ _STATE: dict = {}
 def _worker_init(options: EncodeOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process handles Ctrl-C
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
-    _STATE["tok"] = _make_tokenizer(options)
-    _STATE["options"] = options
-    _STATE["verify_left"] = options.verify_docs
+    _worker_init_inline(options)
 
 
 def _make_tokenizer(options: EncodeOptions) -> Tokenizer:
@@ -99,26 +104,22 @@ def _make_tokenizer(options: EncodeOptions) -> Tokenizer:
 
 
 def _process_block(task: tuple[int, int, bytes]) -> ChunkResult:
+    """One block of whole input lines -> the tokens of its documents (runs in a worker)."""
     file_index, start_line, data = task
     tok: Tokenizer = _STATE["tok"]
     opt: EncodeOptions = _STATE["options"]
-    keys = opt.json_keys
-    dtype = token_dtype(tok.vocab_size)
-    loads = json.loads
-    prefix = [tok.bos] if opt.prepend_bos and tok.bos is not None else []
-    suffix = [tok.eod] if opt.append_eod else []
-    toks = {k: [] for k in keys}
-    lens = {k: [] for k in keys}
-    sources = [] if opt.source_key else None
-    res = ChunkResult(file_index, start_line, len(data), {}, {}, sources)
+    res = ChunkResult(file_index, start_line, len(data), {}, {}, [] if opt.source_key else None)
+    parsed = _parse_block(data, start_line, opt, res)
+    # tokenize the block key by key (one batch call where the tokenizer has one)
+    encoded = {key: _encode_verified(tok, [p[1][k] for p in parsed], [p[0] for p in parsed], res)
+               for k, key in enumerate(opt.json_keys)}
+    _collect_documents(parsed, encoded, tok, opt, res)
+    return res
 
-    def bad(lineno: int, kind: str, reason: str) -> None:
-        res.bad_count += 1
-        res.bad_reasons[kind] = res.bad_reasons.get(kind, 0) + 1
-        if len(res.bad) < MAX_BAD_REPORTED:
-            res.bad.append((lineno, reason))
 
-    parsed: list = []  # (line number, texts per key, source)
+def _parse_block(data: bytes, start_line: int, opt: EncodeOptions, res: ChunkResult) -> list:
+    """(line number, text per key, source) of every good line; blank and bad lines are counted in ``res``."""
+    parsed: list = []
     lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()
@@ -129,69 +130,101 @@ def _process_block(task: tuple[int, int, bytes]) -> ChunkResult:
             continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
+        rec = _parse_object(raw, lineno, opt.replace_invalid_utf8, res)
+        if rec is None:
+            continue
+        texts = _texts_of(rec, lineno, opt.json_keys, res)
+        if texts is None:
+            continue
+        src = None
+        if opt.source_key:
+            src = _source_of(rec, lineno, opt.source_key, res)
+            if src is None:
+                continue
+        parsed.append((lineno, texts, src))
+    return parsed
+
+
+def _parse_object(raw: bytes, lineno: int, replace_invalid_utf8: bool, res: ChunkResult) -> dict | None:
+    """The JSON object of a line, or None for a bad line (counted). Invalid UTF-8 is a bad line unless
+    replacing it was asked for: silently altered text would end up in the training data."""
+    try:
+        rec = json.loads(raw)
+    except UnicodeDecodeError as e:
+        if not replace_invalid_utf8:
+            res.add_bad(lineno, "invalid UTF-8",
+                        f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); fix the encoding, or "
+                        f"pass --replace-invalid-utf8 to replace such bytes with U+FFFD")
+            return None
+        res.replaced_utf8 += 1
         try:
-            rec = loads(raw)
-        except UnicodeDecodeError as e:
-            if not opt.replace_invalid_utf8:
-                bad(lineno, "invalid UTF-8",
-                    f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); fix the encoding, or pass "
-                    f"--replace-invalid-utf8 to replace such bytes with U+FFFD")
-                continue
-            res.replaced_utf8 += 1
-            try:
-                rec = loads(raw.decode("utf-8", errors="replace"))
-            except ValueError as e2:
-                bad(lineno, "malformed JSON", f"malformed JSON: {e2}")
-                continue
-        except ValueError as e:
-            bad(lineno, "malformed JSON", f"malformed JSON: {e}")
-            continue
-        if not isinstance(rec, dict):
-            bad(lineno, "not an object", f"a JSON {type(rec).__name__}, not an object")
-            continue
-        texts = []
-        ok = True
-        for key in keys:
-            try:
-                value = get_field(rec, key)
-            except KeyError:
-                bad(lineno, "missing key", f"no key {key!r} (keys: {sorted(rec)[:8]}); choose it with --json-keys")
-                ok = False
-                break
-            if not isinstance(value, str):
-                bad(lineno, "not a string", f"key {key!r} holds a {type(value).__name__}, not a string")
-                ok = False
-                break
-            texts.append(value)
-        if not ok:
-            continue
-        if sources is not None:
-            try:
-                src = get_field(rec, opt.source_key)
-            except KeyError:
-                bad(lineno, "missing source", f"no source key {opt.source_key!r}; choose it with --source-key")
-                continue
-            if not isinstance(src, (str, int)):
-                bad(lineno, "bad source", f"source key {opt.source_key!r} holds a {type(src).__name__}")
-                continue
-        parsed.append((lineno, texts, src if sources is not None else None))
-    # tokenize the block key by key (one batch call where the tokenizer has one)
-    encoded = {}
-    for k, key in enumerate(keys):
-        texts = [p[1][k] for p in parsed]
-        ids_list = tok.encode_many(texts)
-        n_verify = min(_STATE["verify_left"], len(texts))
-        if n_verify > 0 and getattr(tok, "uses_word_cache", False):
-            _STATE["verify_left"] -= n_verify
-            for j in range(n_verify):
-                ref = tok.encode(texts[j])
-                if ids_list[j] != ref:
-                    tok.disable_word_cache(f"word cache disagreed with the tokenizer at line {parsed[j][0]}")
-                    res.cache_disabled = tok.word_cache_reason
-                    ids_list = [tok.encode(t) for t in texts]
-                    break
-        encoded[key] = ids_list
-    for j, (lineno, _texts, src) in enumerate(parsed):
+            rec = json.loads(raw.decode("utf-8", errors="replace"))
+        except ValueError as e2:
+            res.add_bad(lineno, "malformed JSON", f"malformed JSON: {e2}")
+            return None
+    except ValueError as e:
+        res.add_bad(lineno, "malformed JSON", f"malformed JSON: {e}")
+        return None
+    if not isinstance(rec, dict):
+        res.add_bad(lineno, "not an object", f"a JSON {type(rec).__name__}, not an object")
+        return None
+    return rec
+
+
+def _texts_of(rec: dict, lineno: int, keys: list[str], res: ChunkResult) -> list[str] | None:
+    """The string of every key, or None for a bad line (counted)."""
+    texts = []
+    for key in keys:
+        try:
+            value = get_field(rec, key)
+        except KeyError:
+            res.add_bad(lineno, "missing key", f"no key {key!r} (keys: {sorted(rec)[:8]}); choose it with --json-keys")
+            return None
+        if not isinstance(value, str):
+            res.add_bad(lineno, "not a string", f"key {key!r} holds a {type(value).__name__}, not a string")
+            return None
+        texts.append(value)
+    return texts
+
+
+def _source_of(rec: dict, lineno: int, source_key: str, res: ChunkResult) -> str | int | None:
+    """The document's source label, or None for a bad line (counted)."""
+    try:
+        src = get_field(rec, source_key)
+    except KeyError:
+        res.add_bad(lineno, "missing source", f"no source key {source_key!r}; choose it with --source-key")
+        return None
+    if not isinstance(src, (str, int)):
+        res.add_bad(lineno, "bad source", f"source key {source_key!r} holds a {type(src).__name__}")
+        return None
+    return src
+
+
+def _encode_verified(tok: Tokenizer, texts: list[str], line_numbers: list[int], res: ChunkResult) -> list:
+    """``tok.encode_many(texts)``. The word cache is a speed-up that must not change a single id, so
+    each worker's first documents are also encoded without it; on a disagreement the cache is turned
+    off and the whole block is encoded again without it."""
+    ids_list = tok.encode_many(texts)
+    n_verify = min(_STATE["verify_left"], len(texts))
+    if n_verify > 0 and getattr(tok, "uses_word_cache", False):
+        _STATE["verify_left"] -= n_verify
+        for j in range(n_verify):
+            if ids_list[j] != tok.encode(texts[j]):
+                tok.disable_word_cache(f"word cache disagreed with the tokenizer at line {line_numbers[j]}")
+                res.cache_disabled = tok.word_cache_reason
+                return [tok.encode(t) for t in texts]
+    return ids_list
+
+
+def _collect_documents(parsed: list, encoded: dict, tok: Tokenizer, opt: EncodeOptions, res: ChunkResult) -> None:
+    """Every key's documents back to back (with BOS/EOD as asked) into ``res.tokens``/``res.lengths``,
+    as one numpy array per key: cheap to send back to the main process."""
+    keys = opt.json_keys
+    prefix = [tok.bos] if opt.prepend_bos and tok.bos is not None else []
+    suffix = [tok.eod] if opt.append_eod else []
+    toks = {k: [] for k in keys}
+    lens = {k: [] for k in keys}
+    for j, (_lineno, _texts, src) in enumerate(parsed):
         kept = False
         for key in keys:
             ids = encoded[key][j]
@@ -212,12 +245,12 @@ def _process_block(task: tuple[int, int, bytes]) -> ChunkResult:
             kept = True
         if kept:
             res.documents += 1
-            if sources is not None:
-                sources.append(str(src))
+            if res.sources is not None:
+                res.sources.append(str(src))
+    dtype = token_dtype(tok.vocab_size)
     for key in keys:
         res.tokens[key] = np.array(toks[key], dtype=dtype)
         res.lengths[key] = np.array(lens[key], dtype=np.int32)
-    return res
 
 
 # ----------------------------------------------------------------------------- main side

@@ -12,28 +12,19 @@ Token ids are exactly the tokenizer's own ``encode(text)`` (no BOS unless
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 import time
 
 from megatron_harpe.data.indexed import IndexedDatasetWriter
 from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs
+from megatron_harpe.data.jsonio import write_json_atomic
 from megatron_harpe.data.pipeline import BadLine, ChunkResult, EncodeOptions, Progress, run_pipeline
 from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
-from megatron_harpe.data.cli_errors import run_reporting_errors
+from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, install_sigterm_as_interrupt,
+                                            parse_command_line, run_reporting_errors)
 
 PROG = "harpe-preprocess"
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
 
 
 def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
@@ -78,8 +69,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = UsageErrorParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_input_args(p)
     add_tokenizer_args(p)
     g = p.add_argument_group("output data")
@@ -153,15 +144,6 @@ class Tally:
                 "blank_lines": self.blank, "invalid_utf8_replaced": self.replaced_utf8}
 
 
-def _install_sigterm() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        pass
-
-
 def output_paths(prefix: str, keys: list[str]) -> dict[str, str]:
     return {k: f"{prefix}_{k.replace('.', '_').replace('/', '_')}_document" for k in keys}
 
@@ -212,10 +194,7 @@ def preprocess(args) -> dict:
                "word_cache": getattr(tok, "word_cache_reason", "n/a") if not args.no_word_cache else "off",
                "word_cache_notes": tally.cache_notes}
     if args.stats_json:
-        tmp = args.stats_json + ".incomplete"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, args.stats_json)
+        write_json_atomic(summary, args.stats_json)
     return summary
 
 
@@ -231,18 +210,16 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"usage: {PROG} --input FILE [FILE ...] --tokenizer-type TYPE --tokenizer-model PATH "
-              f"--output-prefix PREFIX [options]\n{PROG}: error: {e}", file=sys.stderr)
+    args = parse_command_line(build_parser(), argv, "--input FILE [FILE ...] --tokenizer-type TYPE "
+                              "--tokenizer-model PATH --output-prefix PREFIX [options]")
+    if args is None:
         return 2
     if args.split_sentences or args.partitions != 1 or args.vocab_file or args.merge_file:
         print(f"{PROG}: error: --split-sentences, --partitions, --vocab-file and --merge-file (Megatron-LM) are "
               f"not supported: documents are never split, workers replace partitions, and tokenizers are "
               f"given by --tokenizer-model", file=sys.stderr)
         return 2
-    _install_sigterm()
+    install_sigterm_as_interrupt()
     code, summary = run_reporting_errors(PROG, lambda: preprocess(args), usage_errors=(UsageError,),
                                          data_errors=(DataError, TokenizerError))
     if code:

@@ -20,7 +20,8 @@ import tempfile
 import time
 from typing import Iterator
 
-from megatron_harpe.data.inputs import DataError, expand_inputs, get_field, open_binary
+from megatron_harpe.data.inputs import DataError, expand_inputs, open_binary
+from megatron_harpe.data.jsonio import is_jsonl, iter_jsonl_fields
 
 PROG = "harpe-train-tokenizer"
 
@@ -37,41 +38,44 @@ def iter_training_lines(files: list[str], json_keys: list[str], max_line_chars: 
     """
     count = 0
     for path in files:
-        is_json = ".json" in os.path.basename(path)
+        for line in _file_lines(path, json_keys):
+            for piece in _cut_at_sentence_ends(line, max_line_chars):
+                if piece.strip():
+                    yield piece
+                    count += 1
+                    if max_lines is not None and count >= max_lines:
+                        return
+
+
+def _file_lines(path: str, json_keys: list[str]) -> Iterator[str]:
+    """The text lines of one input; a non-string value of a key is passed over (not every record has text)."""
+    if not is_jsonl(path):
         with open_binary(path) as f:
-            for lineno, raw in enumerate(f, 1):
-                if is_json:
-                    raw = raw.strip()
-                    if not raw:
-                        continue
-                    try:
-                        rec = json.loads(raw)
-                    except ValueError:
-                        raise DataError(f"{path}:{lineno}: not valid JSON") from None
-                    texts = []
-                    for key in json_keys:
-                        try:
-                            v = get_field(rec, key)
-                        except KeyError:
-                            raise DataError(f"{path}:{lineno}: no key {key!r} (use --json-keys)") from None
-                        if isinstance(v, str):
-                            texts.append(v)
-                    lines = [ln for t in texts for ln in t.split("\n")]
-                else:
-                    lines = [raw.decode("utf-8", errors="replace").rstrip("\r\n")]
-                for line in lines:
-                    while line:
-                        if len(line) <= max_line_chars:
-                            piece, line = line, ""
-                        else:
-                            cut = line.rfind(". ", 0, max_line_chars)
-                            cut = max_line_chars if cut < max_line_chars // 4 else cut + 2
-                            piece, line = line[:cut], line[cut:]
-                        if piece.strip():
-                            yield piece
-                            count += 1
-                            if max_lines is not None and count >= max_lines:
-                                return
+            for raw in f:
+                yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        return
+
+    def bad_line(lineno: int, key: str | None) -> DataError:
+        if key is None:
+            return DataError(f"{path}:{lineno}: not valid JSON")
+        return DataError(f"{path}:{lineno}: no key {key!r} (use --json-keys)")
+
+    for _lineno, values in iter_jsonl_fields(path, json_keys, bad_line):
+        for text in values:
+            if isinstance(text, str):
+                yield from text.split("\n")
+
+
+def _cut_at_sentence_ends(line: str, max_line_chars: int) -> Iterator[str]:
+    """Pieces of at most ``max_line_chars``: sentencepiece drops longer sentences instead of learning from them."""
+    while line:
+        if len(line) <= max_line_chars:
+            piece, line = line, ""
+        else:
+            cut = line.rfind(". ", 0, max_line_chars)
+            cut = max_line_chars if cut < max_line_chars // 4 else cut + 2
+            piece, line = line[:cut], line[cut:]
+        yield piece
 
 
 def train_sentencepiece(lines: Iterator[str], output_dir: str, vocab_size: int, model_type: str = "bpe",

@@ -31,7 +31,6 @@ seed: byte-identical outputs, whatever ``--workers``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -43,10 +42,11 @@ import numpy as np
 from megatron_harpe.data.indexed import IndexedDatasetWriter
 from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs
 from megatron_harpe.data.pipeline import ChunkResult, Progress, run_pipeline
-from megatron_harpe.data.preprocess import (Tally, UsageError, _install_sigterm, _Parser, add_input_args,
-                                            add_runtime_args, add_tokenizer_args, encode_options)
+from megatron_harpe.data.preprocess import Tally, add_input_args, add_runtime_args, add_tokenizer_args, encode_options
 from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
-from megatron_harpe.data.cli_errors import run_reporting_errors
+from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, install_sigterm_as_interrupt,
+                                            parse_command_line, run_reporting_errors)
+from megatron_harpe.data.jsonio import write_json_atomic
 
 PROG = "harpe-upsample"
 
@@ -81,11 +81,42 @@ def select_documents(lengths: np.ndarray, sources: np.ndarray, source_names: lis
         raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
     cost = lengths + separator_tokens
     names = list(source_names)
-    per: dict[str, dict] = {}
-    kept_idx: dict[str, np.ndarray] = {}
     total_before = int(cost.sum())
     if total_before == 0:
         raise ValueError("no tokens to upsample")
+    per, kept_idx = _filter_short_documents(lengths, sources, cost, names, threshold, keep_prob, seed)
+    for name in names:
+        per[name]["share_before"] = per[name]["tokens_before"] / total_before
+    binding, budget = _budget(per, names, target_tokens, threshold, keep_prob)
+    order_parts = []
+    for name in names:
+        info = per[name]
+        target = info["share_before"] * budget
+        info["target_tokens"] = int(round(target))
+        pool = kept_idx[name]
+        pool_tokens = int(cost[pool].sum())
+        if pool.size == 0 or pool_tokens == 0:
+            info.update(documents_after=0, tokens_after_selection=0, epochs=0.0)
+            continue
+        sel = _select_from_pool(pool, cost, target, _rng(seed, "select", name))
+        info["documents_after"] = int(sel.size)
+        info["tokens_after_selection"] = int(cost[sel].sum())
+        info["epochs"] = round(info["tokens_after_selection"] / pool_tokens, 4)
+        info["short_documents_after"] = int((lengths[sel] < threshold).sum())
+        order_parts.append(sel)
+    order = np.concatenate(order_parts) if order_parts else np.zeros(0, dtype=np.int64)
+    order = order[_rng(seed, "shuffle").permutation(order.size)]
+    report = {"per_source": per, "budget_tokens": int(round(budget)), "binding_source": binding,
+              "tokens_before": total_before}
+    return order, report
+
+
+def _filter_short_documents(lengths: np.ndarray, sources: np.ndarray, cost: np.ndarray, names: list[str],
+                            threshold: int, keep_prob: float, seed: int) -> tuple[dict, dict]:
+    """Step 3: (per-source counts, kept document indices per source). Each source draws from its own
+    seeded generator, so adding a source does not change what the others keep."""
+    per: dict[str, dict] = {}
+    kept_idx: dict[str, np.ndarray] = {}
     for s, name in enumerate(names):
         idx = np.flatnonzero(sources == s)
         short = lengths[idx] < threshold
@@ -101,62 +132,47 @@ def select_documents(lengths: np.ndarray, sources: np.ndarray, source_names: lis
             "long_token_fraction_before": float(cost[idx][~short].sum() / max(cost[idx].sum(), 1)),
             "tokens_kept": int(cost[idx[keep]].sum()),
         }
-    for name in names:
-        per[name]["share_before"] = per[name]["tokens_before"] / total_before
+    return per, kept_idx
+
+
+def _budget(per: dict, names: list[str], target_tokens: int | None, threshold: int,
+            keep_prob: float) -> tuple[str | None, float]:
+    """Step 4: (binding source or None, budget). Without a target, the largest budget that keeps every
+    source's share without repeating a document: the source with the least kept per share binds."""
+    if target_tokens is not None:
+        return None, float(target_tokens)
     active = [n for n in names if per[n]["tokens_before"] > 0]
-    if target_tokens is None:
-        # the largest budget every source can fill without repeating a document
-        binding = min(active, key=lambda n: per[n]["tokens_kept"] / per[n]["share_before"])
-        if per[binding]["tokens_kept"] == 0:
-            raise ValueError(f"source {binding!r} keeps no document (all {per[binding]['documents_before']} are "
-                             f"shorter than {threshold} tokens and none drew the keep probability {keep_prob}); "
-                             f"its share cannot be kept: raise --keep-prob, lower --short-threshold or leave the "
-                             f"source out")
-        budget = per[binding]["tokens_kept"] / per[binding]["share_before"]
-    else:
-        binding, budget = None, float(target_tokens)
-    order_parts = []
-    for name in names:
-        info = per[name]
-        target = info["share_before"] * budget
-        info["target_tokens"] = int(round(target))
-        pool = kept_idx[name]
-        rng = _rng(seed, "select", name)
-        chosen: list[np.ndarray] = []
-        epochs = 0
-        have = 0
-        pool_tokens = int(cost[pool].sum())
-        if pool.size == 0 or pool_tokens == 0:
-            info.update(documents_after=0, tokens_after_selection=0, epochs=0.0)
-            continue
-        # whole epochs first (only when the budget exceeds what the source kept)
-        while target - have >= pool_tokens:
-            chosen.append(rng.permutation(pool))
-            have += pool_tokens
-            epochs += 1
-        perm = rng.permutation(pool)
-        csum = np.cumsum(cost[perm])
-        need = target - have
-        # the prefix of the permutation whose tokens come closest to what is still needed
-        k = int(np.searchsorted(csum, need, side="left"))
-        if k < perm.size:
-            above = csum[k] - need
-            below = need - (csum[k - 1] if k > 0 else 0)
-            take = k + 1 if above < below else k
-        else:
-            take = perm.size
-        chosen.append(perm[:take])
-        sel = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-        info["documents_after"] = int(sel.size)
-        info["tokens_after_selection"] = int(cost[sel].sum())
-        info["epochs"] = round(info["tokens_after_selection"] / pool_tokens, 4)
-        info["short_documents_after"] = int((lengths[sel] < threshold).sum())
-        order_parts.append(sel)
-    order = np.concatenate(order_parts) if order_parts else np.zeros(0, dtype=np.int64)
-    order = order[_rng(seed, "shuffle").permutation(order.size)]
-    report = {"per_source": per, "budget_tokens": int(round(budget)), "binding_source": binding,
-              "tokens_before": total_before}
-    return order, report
+    binding = min(active, key=lambda n: per[n]["tokens_kept"] / per[n]["share_before"])
+    if per[binding]["tokens_kept"] == 0:
+        raise ValueError(f"source {binding!r} keeps no document (all {per[binding]['documents_before']} are "
+                         f"shorter than {threshold} tokens and none drew the keep probability {keep_prob}); "
+                         f"its share cannot be kept: raise --keep-prob, lower --short-threshold or leave the "
+                         f"source out")
+    return binding, per[binding]["tokens_kept"] / per[binding]["share_before"]
+
+
+def _select_from_pool(pool: np.ndarray, cost: np.ndarray, target: float, rng: np.random.Generator) -> np.ndarray:
+    """Documents of ``pool`` whose tokens come closest to ``target``: whole shuffled epochs while the
+    target exceeds the pool (only with an explicit larger budget), then a random part."""
+    pool_tokens = int(cost[pool].sum())
+    chosen: list[np.ndarray] = []
+    have = 0
+    while target - have >= pool_tokens:
+        chosen.append(rng.permutation(pool))
+        have += pool_tokens
+    perm = rng.permutation(pool)
+    chosen.append(perm[:_closest_prefix(np.cumsum(cost[perm]), target - have)])
+    return np.concatenate(chosen)
+
+
+def _closest_prefix(csum: np.ndarray, need: float) -> int:
+    """How many leading documents (cumulative tokens ``csum``) come closest to ``need``; ties take fewer."""
+    k = int(np.searchsorted(csum, need, side="left"))
+    if k >= csum.size:
+        return csum.size
+    above = csum[k] - need
+    below = need - (csum[k - 1] if k > 0 else 0)
+    return k + 1 if above < below else k
 
 
 def pack_stream(store: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, order: np.ndarray, eod: int,
@@ -196,8 +212,8 @@ def pack_stream(store: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, ord
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = UsageErrorParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_input_args(p, multi_keys=False, input_required=False)
     g = p.add_argument_group("sources and upsampling")
     g.add_argument("--source-key", default=None,
@@ -254,10 +270,8 @@ def _sources_from_args(args) -> tuple[list[str], list[str] | None]:
 
 
 def upsample(args) -> dict:
-    if args.seq_length < 2:
-        raise UsageError("--seq-length must be at least 2")
-    files, file_sources = _sources_from_args(args)
-    check_output_prefix(args.output_prefix)
+    """The whole tool: tokenize into a temporary token file, select (select_documents), pack, report."""
+    files, file_sources = _check_args(args)
     tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token)
     if args.prepend_bos and tok.bos is None:
         raise DataError(f"--prepend-bos: the tokenizer {args.tokenizer_model} has no BOS token")
@@ -269,78 +283,25 @@ def upsample(args) -> dict:
     tally = Tally(files, args.skip_bad_lines, [key])
     progress = Progress(sum(os.path.getsize(f) for f in files), args.log_interval,
                         enabled=not args.no_progress, prog=PROG)
-    lengths_parts: list[np.ndarray] = []
-    source_parts: list[np.ndarray] = []
-    source_ids: dict[str, int] = {}
     writer = None
     start = time.time()
-    options = encode_options(args, [key], source_key=None if file_sources else args.source_key)
-    options.append_eod = False
-    options.prepend_bos = False  # BOS (if asked) is added at packing time
     try:
-        with open(store_path, "wb") as store_f:
-            def on_result(res: ChunkResult, position: int) -> None:
-                tally.add(res)
-                store_f.write(res.tokens[key].tobytes())
-                lengths_parts.append(res.lengths[key])
-                if file_sources is not None:
-                    sid = source_ids.setdefault(file_sources[res.file_index], len(source_ids))
-                    source_parts.append(np.full(res.lengths[key].size, sid, dtype=np.int32))
-                else:
-                    source_parts.append(np.array([source_ids.setdefault(s, len(source_ids)) for s in res.sources],
-                                                 dtype=np.int32))
-                progress.update(position, res.documents, int(res.tokens[key].size))
-
-            run_pipeline(files, options, args.workers, on_result,
-                         block_bytes=max(int(args.block_mb * (1 << 20)), 1 << 16))
-        progress.close()
-        if tally.documents == 0:
-            raise DataError(f"no documents in {len(files)} input file(s); nothing written")
-        lengths = np.concatenate(lengths_parts).astype(np.int64)
-        doc_sources = np.concatenate(source_parts)
-        # sources sorted by name: the selection does not depend on the order documents arrive in
-        names = sorted(source_ids)
-        remap = np.empty(len(source_ids), dtype=np.int64)
-        for new, name in enumerate(names):
-            remap[source_ids[name]] = new
-        doc_sources = remap[doc_sources]
-        offsets = np.zeros(lengths.size, dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
+        lengths, doc_sources, names = _tokenize_into(store_path, files, file_sources, args, key, tally, progress)
         sep = 1 + (1 if args.prepend_bos else 0)
         order, report = select_documents(lengths, doc_sources, names, threshold=args.short_threshold,
                                          keep_prob=args.keep_prob, seed=args.seed,
                                          target_tokens=args.target_tokens, separator_tokens=sep)
-        store = np.memmap(store_path, dtype=dtype, mode="r") if lengths.sum() else np.zeros(0, dtype=dtype)
         writer = IndexedDatasetWriter(prefix, dtype)
-        packed = pack_stream(store, offsets, lengths, order, tok.eod, seq_len, writer, doc_sources, len(names),
-                             bos=tok.bos if args.prepend_bos else None)
-        del store
+        packed = _pack_from_store(store_path, dtype, lengths, order, doc_sources, len(names), tok, seq_len,
+                                  writer, bos=tok.bos if args.prepend_bos else None)
         if packed["sequences"] == 0:
             raise DataError(f"the selected documents hold {report['budget_tokens']:,} tokens, fewer than one "
                             f"sequence of {seq_len:,}; lower --seq-length or give more data")
-        total_after = int(packed["tokens_per_source"].sum())
-        for s, name in enumerate(names):
-            info = report["per_source"][name]
-            info["tokens_after"] = int(packed["tokens_per_source"][s])
-            info["share_after"] = info["tokens_after"] / total_after
+        total_after = _add_shares_after(report, packed["tokens_per_source"], names)
         writer.commit()
-        seconds = time.time() - start
-        report.update({
-            "output_prefix": prefix, "inputs": files, "sequences": packed["sequences"], "sequence_length": seq_len,
-            "tokens_after": total_after, "dropped_tail_tokens": packed["dropped_tail_tokens"],
-            "documents_before": int(lengths.size), "documents_after": int(order.size),
-            "bad_lines": tally.bad, "empty_documents": tally.empty,
-            "parameters": {"short_threshold": args.short_threshold, "keep_prob": args.keep_prob, "seed": args.seed,
-                           "target_tokens": args.target_tokens, "seq_length": args.seq_length,
-                           "add_extra_token": args.add_extra_token, "prepend_bos": args.prepend_bos,
-                           "source_key": args.source_key, "json_key": key,
-                           "token_counting": "document tokens + 1 EOD separator (+1 BOS with --prepend-bos)"},
-            "tokenizer": tok.describe(), "seconds": round(seconds, 3),
-        })
-        tmp = prefix + ".report.json.incomplete"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, prefix + ".report.json")
+        report.update(_run_details(args, files, key, tok, packed, total_after, lengths, order, tally, seq_len,
+                                   time.time() - start))
+        write_json_atomic(report, prefix + ".report.json")
         return report
     except BaseException:
         progress.close()
@@ -354,6 +315,97 @@ def upsample(args) -> dict:
             pass
 
 
+def _check_args(args) -> tuple[list[str], list[str] | None]:
+    """The checks that need no tokenizer, before anything is loaded; returns _sources_from_args's answer."""
+    if args.seq_length < 2:
+        raise UsageError("--seq-length must be at least 2")
+    files, file_sources = _sources_from_args(args)
+    check_output_prefix(args.output_prefix)
+    return files, file_sources
+
+
+def _tokenize_into(store_path: str, files: list[str], file_sources: list[str] | None, args, key: str,
+                   tally: Tally, progress: Progress) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(lengths, source index per document, source names) after writing every document's tokens back
+    to back into ``store_path``: the selection needs all lengths before it can pick any document, and
+    the tokens of a large corpus do not fit in memory."""
+    lengths_parts: list[np.ndarray] = []
+    source_parts: list[np.ndarray] = []
+    source_ids: dict[str, int] = {}
+    options = encode_options(args, [key], source_key=None if file_sources else args.source_key)
+    options.append_eod = False
+    options.prepend_bos = False  # BOS (if asked) is added at packing time
+    with open(store_path, "wb") as store_f:
+        def on_result(res: ChunkResult, position: int) -> None:
+            tally.add(res)
+            store_f.write(res.tokens[key].tobytes())
+            lengths_parts.append(res.lengths[key])
+            if file_sources is not None:
+                sid = source_ids.setdefault(file_sources[res.file_index], len(source_ids))
+                source_parts.append(np.full(res.lengths[key].size, sid, dtype=np.int32))
+            else:
+                source_parts.append(np.array([source_ids.setdefault(s, len(source_ids)) for s in res.sources],
+                                             dtype=np.int32))
+            progress.update(position, res.documents, int(res.tokens[key].size))
+
+        run_pipeline(files, options, args.workers, on_result,
+                     block_bytes=max(int(args.block_mb * (1 << 20)), 1 << 16))
+    progress.close()
+    if tally.documents == 0:
+        raise DataError(f"no documents in {len(files)} input file(s); nothing written")
+    names, doc_sources = _number_sources_by_name(source_ids, np.concatenate(source_parts))
+    return np.concatenate(lengths_parts).astype(np.int64), doc_sources, names
+
+
+def _number_sources_by_name(source_ids: dict[str, int], doc_sources: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Source ids were handed out in arrival order; renumbered by name, the selection does not depend
+    on the order documents arrive in."""
+    names = sorted(source_ids)
+    remap = np.empty(len(source_ids), dtype=np.int64)
+    for new, name in enumerate(names):
+        remap[source_ids[name]] = new
+    return names, remap[doc_sources]
+
+
+def _pack_from_store(store_path: str, dtype, lengths: np.ndarray, order: np.ndarray, doc_sources: np.ndarray,
+                     num_sources: int, tok, seq_len: int, writer: IndexedDatasetWriter, bos: int | None) -> dict:
+    """pack_stream over the token file, memory-mapped (and unmapped before the file is removed)."""
+    offsets = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    store = np.memmap(store_path, dtype=dtype, mode="r") if lengths.sum() else np.zeros(0, dtype=dtype)
+    packed = pack_stream(store, offsets, lengths, order, tok.eod, seq_len, writer, doc_sources, num_sources,
+                         bos=bos)
+    del store
+    return packed
+
+
+def _add_shares_after(report: dict, tokens_per_source: np.ndarray, names: list[str]) -> int:
+    """Each source's tokens and share in the packed output; returns the total."""
+    total_after = int(tokens_per_source.sum())
+    for s, name in enumerate(names):
+        info = report["per_source"][name]
+        info["tokens_after"] = int(tokens_per_source[s])
+        info["share_after"] = info["tokens_after"] / total_after
+    return total_after
+
+
+def _run_details(args, files: list[str], key: str, tok, packed: dict, total_after: int, lengths: np.ndarray,
+                 order: np.ndarray, tally: Tally, seq_len: int, seconds: float) -> dict:
+    """The report's record of the run: outputs, counts and every parameter that decides them."""
+    return {
+        "output_prefix": args.output_prefix, "inputs": files, "sequences": packed["sequences"],
+        "sequence_length": seq_len, "tokens_after": total_after, "dropped_tail_tokens": packed["dropped_tail_tokens"],
+        "documents_before": int(lengths.size), "documents_after": int(order.size),
+        "bad_lines": tally.bad, "empty_documents": tally.empty,
+        "parameters": {"short_threshold": args.short_threshold, "keep_prob": args.keep_prob, "seed": args.seed,
+                       "target_tokens": args.target_tokens, "seq_length": args.seq_length,
+                       "add_extra_token": args.add_extra_token, "prepend_bos": args.prepend_bos,
+                       "source_key": args.source_key, "json_key": key,
+                       "token_counting": "document tokens + 1 EOD separator (+1 BOS with --prepend-bos)"},
+        "tokenizer": tok.describe(), "seconds": round(seconds, 3),
+    }
+
+
 def format_report(r: dict) -> str:
     lines = [f"{'source':<24}{'tokens before':>15}{'share':>8}{'tokens after':>15}{'share':>8}{'short kept':>12}"
              f"{'epochs':>8}"]
@@ -365,13 +417,11 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        print(f"usage: {PROG} --input FILE [FILE ...] --tokenizer-type TYPE --tokenizer-model PATH --seq-length N "
-              f"--output-prefix PREFIX [options]\n{PROG}: error: {e}", file=sys.stderr)
+    args = parse_command_line(build_parser(), argv, "--input FILE [FILE ...] --tokenizer-type TYPE "
+                              "--tokenizer-model PATH --seq-length N --output-prefix PREFIX [options]")
+    if args is None:
         return 2
-    _install_sigterm()
+    install_sigterm_as_interrupt()
     code, r = run_reporting_errors(PROG, lambda: upsample(args), usage_errors=(UsageError,),
                                    data_errors=(DataError, TokenizerError, ValueError))
     if code:

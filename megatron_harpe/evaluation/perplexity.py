@@ -39,14 +39,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_harpe.evaluation.errors import EvalError
 from megatron_harpe.evaluation.model import EvalTokenizer, LoadedModel
 from megatron_harpe.evaluation.results import ResultStore
+from megatron_harpe.evaluation.runner import PendingUnits, auto_batch_size
 
 __all__ = ["press_windows", "Document", "load_documents", "evaluate_perplexity", "ppl_summary", "MODES",
            "indexed_prefix"]
@@ -211,64 +210,61 @@ def evaluate_perplexity(lm: LoadedModel, docs: Sequence[Document], lengths: Sequ
                         batch_size: Optional[int] = None, batch_tokens: Optional[int] = None,
                         progress: bool = True, max_units: Optional[int] = None) -> dict:
     """Score ``docs`` at every length (units: one document at one length), appending to ``store``."""
-    import torch
-
     if mode not in MODES:
         raise EvalError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
-    started = time.perf_counter()
     by_id = {d.doc_id: d for d in docs}
     units = [{"length": int(L), "doc_id": d.doc_id} for L in lengths for d in docs]
-    todo = [u for u in units if not store.has(u)]
-    limit = len(todo) if max_units is None else min(len(todo), max(0, int(max_units)))
-    bar = None
-    if progress and limit:
-        from tqdm import tqdm
-
-        bar = tqdm(total=limit, desc="ppl", unit="doc", dynamic_ncols=True, file=sys.stderr, leave=False)
-    budget = batch_tokens or (32768 if str(lm.device).startswith("cuda") else 8192)
-    done = 0
-    try:
+    with PendingUnits(units, store, max_units=max_units, progress=progress, desc="ppl", unit="doc") as run:
+        todo = run.todo
         i = 0
-        while i < len(todo) and done < limit:
+        while i < len(todo) and run.done < run.limit:
             L = todo[i]["length"]
             if mode == "truncate":
-                size = min(batch_size or max(1, budget // L), limit - done)
+                size = min(auto_batch_size(lm, L, batch_size, batch_tokens), run.limit - run.done)
                 group = []
                 while i < len(todo) and len(group) < size and todo[i]["length"] == L:
                     group.append(todo[i])
                     i += 1
-                ids = torch.tensor([by_id[u["doc_id"]].tokens[:L] for u in group], dtype=torch.long)
-                nll = lm.token_nll(ids).double()
-                records = [{"length": L, "doc_id": u["doc_id"], "nll": float(nll[k].sum()),
-                            "tokens": int(nll.shape[1]), "windows": 1} for k, u in enumerate(group)]
+                records = _score_truncated(lm, [by_id[u["doc_id"]].tokens[:L] for u in group], group, L)
             else:
                 u = todo[i]
                 i += 1
-                tokens = by_id[u["doc_id"]].tokens[:span]
-                wins = press_windows(len(tokens), L, window)
-                size = batch_size or max(1, budget // L)
-                total, count = 0.0, 0
-                for w0 in range(0, len(wins), size):
-                    chunk = wins[w0:w0 + size]
-                    width = chunk[0][1] - chunk[0][0]
-                    same = [w for w in chunk if w[1] - w[0] == width]
-                    rest = [w for w in chunk if w[1] - w[0] != width]
-                    for part in (same, *([[w] for w in rest])):
-                        if not part:
-                            continue
-                        ids = torch.tensor([tokens[b:e] for b, e, _ in part], dtype=torch.long)
-                        nll = lm.token_nll(ids).double()
-                        for k, (b, e, s) in enumerate(part):
-                            total += float(nll[k, s - b - 1:].sum())
-                            count += e - s
-                records = [{"length": L, "doc_id": u["doc_id"], "nll": total,
-                            "tokens": count, "windows": len(wins)}]
-            store.append(records)
-            done += len(records)
-            if bar is not None:
-                bar.update(len(records))
-    finally:
-        if bar is not None:
-            bar.close()
-    return {"total": len(units), "resumed": len(units) - len(todo), "new": done,
-            "seconds": time.perf_counter() - started, "stopped": done < len(todo)}
+                total, count, windows = _score_sliding(lm, by_id[u["doc_id"]].tokens[:span], L, window,
+                                                       auto_batch_size(lm, L, batch_size, batch_tokens))
+                records = [{"length": L, "doc_id": u["doc_id"], "nll": total, "tokens": count, "windows": windows}]
+            run.record(records)
+    return asdict(run.stats())
+
+
+def _score_truncated(lm: LoadedModel, token_rows: List[List[int]], group: List[dict], length: int) -> List[dict]:
+    """One window per document (its first ``length`` tokens, all predictions counted), the group in one batch."""
+    import torch
+
+    ids = torch.tensor(token_rows, dtype=torch.long)
+    nll = lm.token_nll(ids).double()
+    return [{"length": length, "doc_id": u["doc_id"], "nll": float(nll[k].sum()),
+             "tokens": int(nll.shape[1]), "windows": 1} for k, u in enumerate(group)]
+
+
+def _score_sliding(lm: LoadedModel, tokens: List[int], context: int, stride: int,
+                   size: int) -> Tuple[float, int, int]:
+    """(sum of NLLs, scored tokens, windows) of one document over ``press_windows``. Up to ``size``
+    windows share a batch; a batch holds one width only, so a shorter last window goes alone."""
+    import torch
+
+    wins = press_windows(len(tokens), context, stride)
+    total, count = 0.0, 0
+    for w0 in range(0, len(wins), size):
+        chunk = wins[w0:w0 + size]
+        width = chunk[0][1] - chunk[0][0]
+        same = [w for w in chunk if w[1] - w[0] == width]
+        rest = [w for w in chunk if w[1] - w[0] != width]
+        for part in (same, *([[w] for w in rest])):
+            if not part:
+                continue
+            ids = torch.tensor([tokens[b:e] for b, e, _ in part], dtype=torch.long)
+            nll = lm.token_nll(ids).double()
+            for k, (b, e, s) in enumerate(part):
+                total += float(nll[k, s - b - 1:].sum())
+                count += e - s
+    return total, count, len(wins)

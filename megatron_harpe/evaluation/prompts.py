@@ -18,7 +18,6 @@ final prompt are measured and returned, so the depth is checked, not assumed.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -102,26 +101,23 @@ def _essay_sentences(seed: int) -> Iterator[str]:
 
 
 def _file_blocks(path: str, text_key: str) -> Iterator[str]:
-    from megatron_harpe.data.inputs import get_field, open_binary
+    from megatron_harpe.data.inputs import open_binary
+    from megatron_harpe.data.jsonio import is_jsonl, iter_jsonl_fields
 
-    is_json = ".json" in os.path.basename(path)
-    with open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if is_json:
-                raw = raw.strip()
-                if not raw:
-                    continue
-                try:
-                    value = get_field(json.loads(raw), text_key)
-                except (ValueError, KeyError):
-                    raise EvalError(f"{path}:{lineno}: not a JSON record with a {text_key!r} field "
-                                    f"(use --text-key)") from None
-                if isinstance(value, str) and value.strip():
-                    yield value
-            else:
+    if not is_jsonl(path):
+        with open_binary(path) as f:
+            for raw in f:
                 line = raw.decode("utf-8", errors="replace")
                 if line.strip():
                     yield line
+        return
+
+    def bad_line(lineno: int, _key: Optional[str]) -> EvalError:
+        return EvalError(f"{path}:{lineno}: not a JSON record with a {text_key!r} field (use --text-key)")
+
+    for _lineno, (value,) in iter_jsonl_fields(path, [text_key], bad_line):
+        if isinstance(value, str) and value.strip():
+            yield value
 
 
 _SHARED: Dict[tuple, WordStream] = {}
@@ -301,73 +297,129 @@ def measure_spans(tok: EvalTokenizer, text: str, char_spans: Sequence[Tuple[int,
 def build_prompt(tok: EvalTokenizer, *, prefix: str, suffix: str, stream: WordStream, needles: Sequence[str],
                  depths: Sequence[float], budget: int) -> Prompt:
     """``prefix + context + suffix`` with at most ``budget`` tokens (see the module docstring)."""
+    _check_needles(needles, depths)
+    layout = _PromptLayout(tok, prefix, suffix, stream, needles, depths)
+    n = _fit_word_count(tok, layout, stream, budget)
+    n, slots, text, char_spans, ids = _place_needles_by_tokens(tok, layout, stream, n, depths, budget)
+    filled = _fill_gap_with_part_of_next_word(tok, layout, stream, n, slots, budget, len(ids))
+    if filled is not None:
+        text, char_spans, ids = filled
+    context_span, needle_spans, haystack_tokens, measured = _measure_placement(
+        tok, text, (len(prefix), len(text) - len(suffix)), char_spans)
+    if len(ids) > budget:
+        raise EvalError(f"cannot fit the prompt into {budget} tokens")
+    return Prompt(text, ids, n, haystack_tokens, context_span, needle_spans, list(depths), measured)
+
+
+def _check_needles(needles: Sequence[str], depths: Sequence[float]) -> None:
     if len(needles) != len(depths):
         raise ValueError("one depth per needle")
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise EvalError(f"needle depth {d} outside [0, 1]")
 
-    def render(n: int, slots: Optional[List[int]] = None, tail: str = "") -> Tuple[str, List[Tuple[int, int]]]:
-        words, starts = stream.take(n)
+
+class _PromptLayout:
+    """The prompt with the first ``n`` haystack words. Token counts are cached because the size
+    search probes the same word counts more than once, and every probe encodes a whole prompt."""
+
+    def __init__(self, tok: EvalTokenizer, prefix: str, suffix: str, stream: WordStream, needles: Sequence[str],
+                 depths: Sequence[float]):
+        self.tok, self.prefix, self.suffix, self.stream = tok, prefix, suffix, stream
+        self.needles, self.depths = needles, depths
+        self._counts: Dict[int, int] = {}
+
+    def render(self, n: int, slots: Optional[List[int]] = None, tail: str = "") -> Tuple[str, List[Tuple[int, int]]]:
+        """The text and the needles' char spans in the context; without ``slots``, needles go by character depth."""
+        words, starts = self.stream.take(n)
         if tail:  # a cut word closes the haystack (never a sentence start: needles do not go after it)
             words, starts = words + [tail], starts + [False]
         if slots is None:
-            slots = _proportional_slots(words, starts, depths)
-        context, spans = _join(words, needles, slots)
-        return prefix + context + suffix, spans
+            slots = _proportional_slots(words, starts, self.depths)
+        context, spans = _join(words, self.needles, slots)
+        return self.prefix + context + self.suffix, spans
 
-    cache: Dict[int, int] = {}
+    def count(self, n: int) -> int:
+        if n not in self._counts:
+            self._counts[n] = self.tok.count(self.render(n)[0])
+        return self._counts[n]
 
-    def probe(n: int) -> int:
-        if n not in cache:
-            cache[n] = tok.count(render(n)[0])
-        return cache[n]
 
-    fixed = probe(0)
+def _fit_word_count(tok: EvalTokenizer, layout: _PromptLayout, stream: WordStream, budget: int) -> int:
+    """The largest word count that fits, with needles placed by characters: cheap enough to probe
+    many times; the exact placement by tokens afterwards only ever removes words."""
+    fixed = layout.count(0)
     if fixed > budget:
         raise PromptTooShort(fixed, budget)
-    # tokens per word, measured on a sample of the stream
+    per_word = _tokens_per_word(tok, stream)
+    guess = int((budget - fixed) / per_word)
+    maximum = _finite_word_limit(layout, stream, budget, guess, per_word) if stream.finite else None
+    n, _ = fit_count(layout.count, budget, guess, maximum=maximum)
+    return n
+
+
+def _tokens_per_word(tok: EvalTokenizer, stream: WordStream) -> float:
+    """Measured on a sample of the stream, for the first guess of the size search."""
     sample_n = 400
-    maximum = None
     if not stream.ensure(sample_n):
         sample_n = len(stream.words)
     words_sample = stream.words[:sample_n]
-    per_word = max((tok.count(" ".join(words_sample)) - len(tok.prefix)) / max(len(words_sample), 1), 0.2)
-    guess = int((budget - fixed) / per_word)
-    if stream.finite:
-        # a finite stream (a text file): it must be able to fill the budget
-        stream.ensure(int(guess * 1.2) + 64)
-        if stream.exhausted:
-            maximum = len(stream.words)
-            if probe(maximum) < budget - 8 * max(per_word, 1):
-                raise HaystackExhausted(stream, guess)
-    n, _ = fit_count(probe, budget, guess, maximum=maximum)
-    # exact placement by token positions (placement can move a boundary token: recount, drop a word if over)
+    return max((tok.count(" ".join(words_sample)) - len(tok.prefix)) / max(len(words_sample), 1), 0.2)
+
+
+def _finite_word_limit(layout: _PromptLayout, stream: WordStream, budget: int, guess: int,
+                       per_word: float) -> Optional[int]:
+    """All the words of a text file that runs out (None while it lasts); a file that cannot come
+    near the budget is an error rather than a silently short prompt."""
+    stream.ensure(int(guess * 1.2) + 64)
+    if not stream.exhausted:
+        return None
+    maximum = len(stream.words)
+    if layout.count(maximum) < budget - 8 * max(per_word, 1):
+        raise HaystackExhausted(stream, guess)
+    return maximum
+
+
+def _place_needles_by_tokens(tok: EvalTokenizer, layout: _PromptLayout, stream: WordStream, n: int,
+                             depths: Sequence[float], budget: int):
+    """(n, slots, text, char spans, ids) with the needles at their token depths. Moving a needle
+    can move a token boundary, so the prompt is encoded again and loses a word while it is over."""
     while True:
         words, starts = stream.take(n)
         slots, _ = _token_slots(tok, words, starts, depths)
-        text, char_spans = render(n, slots)
+        text, char_spans = layout.render(n, slots)
         ids = tok.encode(text)
         if len(ids) <= budget or n == 0:
-            break
+            return n, slots, text, char_spans, ids
         n -= 1
-    # a long next word (a UUID, a number with digit-split tokens) can leave a gap: fill it with part of the word
-    if budget - len(ids) > 2 and stream.ensure(n + 1):
-        word = stream.words[n]
-        lo, hi, best = 1, len(word) - 1, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            cand_text, cand_spans = render(n, slots, word[:mid])
-            cand_ids = tok.encode(cand_text)
-            if len(cand_ids) <= budget:
-                best = (cand_text, cand_spans, cand_ids)
-                lo = mid + 1
-            else:
-                hi = mid - 1
-        if best is not None:
-            text, char_spans, ids = best
-    ctx_start = len(prefix)
-    spans = measure_spans(tok, text, [(ctx_start, len(text) - len(suffix))]
+
+
+def _fill_gap_with_part_of_next_word(tok: EvalTokenizer, layout: _PromptLayout, stream: WordStream, n: int,
+                                     slots: List[int], budget: int, num_tokens: int):
+    """(text, char spans, ids) with the longest fitting start of the next word, or None. A long next
+    word (a UUID, a number with digit-split tokens) would otherwise leave the prompt short of the budget."""
+    if budget - num_tokens <= 2 or not stream.ensure(n + 1):
+        return None
+    word = stream.words[n]
+    lo, hi, best = 1, len(word) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        cand_text, cand_spans = layout.render(n, slots, word[:mid])
+        cand_ids = tok.encode(cand_text)
+        if len(cand_ids) <= budget:
+            best = (cand_text, cand_spans, cand_ids)
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _measure_placement(tok: EvalTokenizer, text: str, context_chars: Tuple[int, int],
+                       char_spans: Sequence[Tuple[int, int]]):
+    """(context span, needle spans, haystack tokens, measured depths) in tokens of the final text,
+    so that the reported depth is the one the model saw, not the one asked for."""
+    ctx_start, ctx_end = context_chars
+    spans = measure_spans(tok, text, [(ctx_start, ctx_end)]
                           + [(ctx_start + a, ctx_start + b) for a, b in char_spans])
     context_span, needle_spans = spans[0], spans[1:]
     needle_tokens = sum(e - s for s, e in needle_spans)
@@ -376,6 +428,4 @@ def build_prompt(tok: EvalTokenizer, *, prefix: str, suffix: str, stream: WordSt
     for k, (s, _) in enumerate(needle_spans):
         before = sum(e2 - s2 for j, (s2, e2) in enumerate(needle_spans) if s2 < s or (s2 == s and j < k))
         measured.append((s - context_span[0] - before) / max(haystack_tokens, 1))
-    if len(ids) > budget:
-        raise EvalError(f"cannot fit the prompt into {budget} tokens")
-    return Prompt(text, ids, n, haystack_tokens, context_span, needle_spans, list(depths), measured)
+    return context_span, needle_spans, haystack_tokens, measured

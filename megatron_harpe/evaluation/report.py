@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from megatron_harpe.files import atomic_write_text
 from megatron_harpe.evaluation.errors import EvalError
 
 __all__ = ["fmt_length", "niah_summary", "niah_markdown", "grid_summary", "grid_markdown", "plot_heatmap",
@@ -43,10 +44,7 @@ def _fmt(v: Optional[float], digits: int = 2) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- NiaH

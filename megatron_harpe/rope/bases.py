@@ -562,24 +562,54 @@ def peak_valley_search(b_min: float = PAPER_B_MIN, b_max: float = PAPER_B_MAX,
     d = _check_head_dim(head_dim)
     lo, hi = _check_window(window)
     rule, k, spacing, look = _check_rule(detection, max_extrema, min_spacing, lookahead)
+    penalty = _check_pairing_and_penalty(pairing, missing_penalty, hi - lo)
+    num_cand = _num_candidates(lo_b, hi_b, s, n)
+    grid = lo_b + s * np.arange(num_cand + 1, dtype=np.float64)  # grid[0] = b_min
+    distances = np.arange(lo, hi + 1, dtype=np.float64)
+    wave = _grid_waveforms(lo_b, s, num_cand, d, lo, hi)
+    peaks, valleys = find_peaks_and_valleys(wave, distances, detection=rule, max_extrema=k,
+                                            min_spacing=spacing, lookahead=look)
+    picked, costs = _greedy_complementary_picks(peaks, valleys, k, n, pairing, penalty)
+
+    bases = [float(grid[j]) for j in picked]
+    return SearchResult(
+        bases=bases, sorted_bases=sorted(bases),
+        peaks=[peaks[j] for j in picked], valleys=[valleys[j] for j in picked], costs=costs,
+        b_min=lo_b, b_max=hi_b, stride=s, head_dim=d, window=(lo, hi), detection=rule,
+        max_extrema=k, min_spacing=spacing, lookahead=look, pairing=pairing,
+        missing_penalty=penalty, num_candidates=num_cand,
+        settings=dict(window=(lo, hi), detection=rule, max_extrema=k, min_spacing=spacing,
+                      lookahead=look, pairing=pairing, missing_penalty=penalty),
+    )
+
+
+def _check_pairing_and_penalty(pairing, missing_penalty, window_width: int) -> float:
+    """The cost of a missing peak/valley; by default the window width, the largest a pair can cost."""
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
-    penalty = float(hi - lo) if missing_penalty is None else _as_float(missing_penalty, "missing_penalty")
+    penalty = float(window_width) if missing_penalty is None else _as_float(missing_penalty, "missing_penalty")
     if penalty < 0:
         raise ValueError(f"missing_penalty must be >= 0, got {missing_penalty!r}")
+    return penalty
 
-    # floor((b_max - b_min)/s) with a little slack so that e.g. 4e6/3e4 or 1e6/1e5 is exact
+
+def _num_candidates(lo_b: float, hi_b: float, s: float, n: int) -> int:
+    """floor((b_max - b_min)/stride), with a little slack so that e.g. 4e6/3e4 or 1e6/1e5 is exact;
+    an error when the grid cannot supply the n - 1 bases besides b_min."""
     num_cand = int(math.floor((hi_b - lo_b) / s + 1e-9))
     if num_cand < n - 1:
         raise ValueError(
             f"only {num_cand} candidate bases between b_min={lo_b:g} and b_max={hi_b:g} at "
             f"stride={s:g}, but num_bases={n} needs {n - 1} besides b_min; lower stride, "
             "widen b_min..b_max or ask for fewer bases")
-    grid = lo_b + s * np.arange(num_cand + 1, dtype=np.float64)  # grid[0] = b_min
-    distances = np.arange(lo, hi + 1, dtype=np.float64)
-    wave = _grid_waveforms(lo_b, s, num_cand, d, lo, hi)
-    peaks, valleys = find_peaks_and_valleys(wave, distances, detection=rule, max_extrema=k,
-                                            min_spacing=spacing, lookahead=look)
+    return num_cand
+
+
+def _greedy_complementary_picks(peaks: list[np.ndarray], valleys: list[np.ndarray], k: int, n: int,
+                                pairing: str, penalty: float) -> tuple[list[int], list[float]]:
+    """(grid indices in pick order, d_j of each pick) of Algorithm 1's greedy loop, from grid[0] = b_min.
+    All candidates are costed at once on padded [C, k] arrays; a candidate's missing extrema cost the
+    same at every step, so that part is computed once."""
     cp, cp_mask = _padded(peaks, k)
     cv, cv_mask = _padded(valleys, k)
     missing = (k - cp_mask.sum(axis=1)) + (k - cv_mask.sum(axis=1))
@@ -587,7 +617,7 @@ def peak_valley_search(b_min: float = PAPER_B_MIN, b_max: float = PAPER_B_MAX,
 
     picked = [0]
     costs = [0.0]
-    available = np.ones(len(grid), dtype=bool)
+    available = np.ones(len(peaks), dtype=bool)
     available[0] = False
     set_p = np.sort(peaks[0])
     set_v = np.sort(valleys[0])
@@ -604,17 +634,7 @@ def peak_valley_search(b_min: float = PAPER_B_MIN, b_max: float = PAPER_B_MAX,
         available[j] = False
         set_p = np.sort(np.concatenate([set_p, peaks[j]]))
         set_v = np.sort(np.concatenate([set_v, valleys[j]]))
-
-    bases = [float(grid[j]) for j in picked]
-    return SearchResult(
-        bases=bases, sorted_bases=sorted(bases),
-        peaks=[peaks[j] for j in picked], valleys=[valleys[j] for j in picked], costs=costs,
-        b_min=lo_b, b_max=hi_b, stride=s, head_dim=d, window=(lo, hi), detection=rule,
-        max_extrema=k, min_spacing=spacing, lookahead=look, pairing=pairing,
-        missing_penalty=penalty, num_candidates=num_cand,
-        settings=dict(window=(lo, hi), detection=rule, max_extrema=k, min_spacing=spacing,
-                      lookahead=look, pairing=pairing, missing_penalty=penalty),
-    )
+    return picked, costs
 
 
 # --------------------------------------------------------------------------------------

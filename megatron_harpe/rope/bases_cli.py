@@ -210,9 +210,40 @@ def _print_compare(bases, out) -> None:
 def plot_base_set(path: str, bases, *, strategy: str, head_dim: int, result=None,
                   search_kw: dict | None = None, compare_paper: bool = False) -> None:
     """PNG: each base's waveform with its peaks/valleys, a zoom on them, and the set by head."""
-    import numpy as np
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    window, sorted_b, m, wave, peaks, valleys = _waveforms_and_extrema(bases, head_dim, result, search_kw)
+    norm = _stacked_traces(wave)
+    n = len(sorted_b)
+    zoom = _zoom_range(peaks, valleys, window)
+    fig = Figure(figsize=(14 if zoom else 10, max(6.0, 0.28 * n) + 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    if zoom:
+        gs = fig.add_gridspec(2, 2, height_ratios=[max(6.0, 0.28 * n), 3.0])
+        wave_axes = [fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])]
+        set_ax = fig.add_subplot(gs[1, :])
+    else:
+        gs = fig.add_gridspec(2, 1, height_ratios=[max(6.0, 0.28 * n), 3.0])
+        wave_axes = [fig.add_subplot(gs[0, 0])]
+        set_ax = fig.add_subplot(gs[1, 0])
+    labels = [f"{_millions(b)}M" for b in sorted_b]
+    for ax, x_range in zip(wave_axes, (window, zoom)):
+        _draw_waveforms(ax, m, norm, peaks, valleys, window, x_range, labels)
+    wave_axes[0].set_title(f"attention waveform per base (scaled), window {window[0]}..{window[1]}; "
+                           "^ peaks, v valleys", fontsize=10)
+    if zoom:
+        wave_axes[1].set_title(f"zoom on the detected peaks/valleys ({zoom[0]:.0f}..{zoom[1]:.0f})",
+                               fontsize=10)
+    _draw_base_set(set_ax, bases, strategy, compare_paper)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _waveforms_and_extrema(bases, head_dim: int, result, search_kw: dict | None):
+    """(window, bases sorted, distances, waveforms, peaks, valleys). With a search result the marks
+    are exactly the extrema the search used, not a fresh detection with other settings."""
+    import numpy as np
 
     kw = dict(search_kw or {})
     if result is not None:
@@ -220,66 +251,68 @@ def plot_base_set(path: str, bases, *, strategy: str, head_dim: int, result=None
                   min_spacing=result.min_spacing, lookahead=result.lookahead)
     window = B._check_window(kw.pop("window", B.DEFAULT_WINDOW))
     det = {k: kw[k] for k in ("detection", "max_extrema", "min_spacing", "lookahead") if k in kw}
-    order = sorted(range(len(bases)), key=lambda i: bases[i])
-    sorted_b = [bases[i] for i in order]
+    sorted_b = sorted(bases)
     m = np.arange(window[0], window[1] + 1, dtype=np.float64)
     wave = B.attention_waveform(sorted_b, head_dim, m)
     peaks, valleys = B.find_peaks_and_valleys(wave, m, **det)
-    if result is not None:  # exactly what the search used
+    if result is not None:
         by_base = {b: (p, v) for b, p, v in zip(result.bases, result.peaks, result.valleys)}
         peaks = [by_base[b][0] for b in sorted_b]
         valleys = [by_base[b][1] for b in sorted_b]
+    return window, sorted_b, m, wave, peaks, valleys
 
-    # each trace centred, scaled so that 99% of it fits its row (the rest clipped), stacked
+
+def _stacked_traces(wave):
+    """Each trace centred and scaled so that 99% of it fits its row (the rest clipped): waveforms of
+    very different amplitude stay readable stacked one per row."""
+    import numpy as np
+
     centred = wave - wave.mean(axis=1, keepdims=True)
     scale = np.percentile(np.abs(centred), 99, axis=1, keepdims=True)
     scale[scale == 0] = 1.0
-    norm = np.clip(0.45 * centred / scale, -0.48, 0.48)
-    n = len(sorted_b)
-    marks = np.concatenate([np.concatenate([p, v]) for p, v in zip(peaks, valleys)] or [np.zeros(0)])
-    zoom = None
-    if marks.size:
-        z_lo, z_hi = marks.min(), marks.max()
-        pad = max(5.0, 0.03 * (z_hi - z_lo))
-        if (z_hi - z_lo + 2 * pad) < 0.6 * (window[1] - window[0]):
-            zoom = (max(window[0], z_lo - pad), min(window[1], z_hi + pad))
+    return np.clip(0.45 * centred / scale, -0.48, 0.48)
 
-    panels = 3 if zoom else 2
-    height = max(6.0, 0.28 * n) + 3.0
-    fig = Figure(figsize=(14 if zoom else 10, height), dpi=100)
-    FigureCanvasAgg(fig)
-    if zoom:
-        gs = fig.add_gridspec(2, 2, height_ratios=[max(6.0, 0.28 * n), 3.0])
-        axes = [fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, :])]
-    else:
-        gs = fig.add_gridspec(2, 1, height_ratios=[max(6.0, 0.28 * n), 3.0])
-        axes = [fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[1, 0])]
-    wave_axes = axes[:panels - 1]
-    labels = [f"{_millions(b)}M" for b in sorted_b]
-    for ax_i, ax in enumerate(wave_axes):
-        lo_x, hi_x = (window if ax_i == 0 else zoom)
-        sel = (m >= lo_x) & (m <= hi_x)
-        for row in range(n):
-            ax.plot(m[sel], norm[row, sel] + row, lw=0.6, color=f"C{row % 10}")
-            pk, vl = peaks[row], valleys[row]
-            if pk.size:
-                ax.plot(pk, norm[row, (pk - window[0]).astype(int)] + row, "^", ms=3.5,
-                        color="black", mfc="none", mew=0.7)
-            if vl.size:
-                ax.plot(vl, norm[row, (vl - window[0]).astype(int)] + row, "v", ms=3.5,
-                        color="red", mfc="none", mew=0.7)
-        ax.set_xlim(lo_x, hi_x)
-        ax.set_ylim(-0.8, n - 0.2)
-        ax.set_yticks(range(n))
-        ax.set_yticklabels(labels, fontsize=7 if n > 16 else 9)
-        ax.set_xlabel("relative distance m")
-        ax.grid(axis="x", lw=0.3, alpha=0.5)
-    wave_axes[0].set_title(f"attention waveform per base (scaled), window {window[0]}..{window[1]}; "
-                           "^ peaks, v valleys", fontsize=10)
-    if zoom:
-        wave_axes[1].set_title(f"zoom on the detected peaks/valleys ({zoom[0]:.0f}..{zoom[1]:.0f})",
-                               fontsize=10)
-    ax = axes[-1]
+
+def _zoom_range(peaks, valleys, window):
+    """(lo, hi) around all marks, or None when they already fill most of the window (no zoom panel)."""
+    import numpy as np
+
+    marks = np.concatenate([np.concatenate([p, v]) for p, v in zip(peaks, valleys)] or [np.zeros(0)])
+    if not marks.size:
+        return None
+    z_lo, z_hi = marks.min(), marks.max()
+    pad = max(5.0, 0.03 * (z_hi - z_lo))
+    if (z_hi - z_lo + 2 * pad) < 0.6 * (window[1] - window[0]):
+        return (max(window[0], z_lo - pad), min(window[1], z_hi + pad))
+    return None
+
+
+def _draw_waveforms(ax, m, norm, peaks, valleys, window, x_range, labels) -> None:
+    """One row per base over ``x_range``: its trace, ^ at its peaks and v at its valleys."""
+    n = len(labels)
+    lo_x, hi_x = x_range
+    sel = (m >= lo_x) & (m <= hi_x)
+    for row in range(n):
+        ax.plot(m[sel], norm[row, sel] + row, lw=0.6, color=f"C{row % 10}")
+        pk, vl = peaks[row], valleys[row]
+        if pk.size:
+            ax.plot(pk, norm[row, (pk - window[0]).astype(int)] + row, "^", ms=3.5,
+                    color="black", mfc="none", mew=0.7)
+        if vl.size:
+            ax.plot(vl, norm[row, (vl - window[0]).astype(int)] + row, "v", ms=3.5,
+                    color="red", mfc="none", mew=0.7)
+    ax.set_xlim(lo_x, hi_x)
+    ax.set_ylim(-0.8, n - 0.2)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels, fontsize=7 if n > 16 else 9)
+    ax.set_xlabel("relative distance m")
+    ax.grid(axis="x", lw=0.3, alpha=0.5)
+
+
+def _draw_base_set(ax, bases, strategy: str, compare_paper: bool) -> None:
+    """The bases by head (in millions), with Table 2 beside them when comparing."""
+    import numpy as np
+
     heads = np.arange(len(bases))
     ax.plot(heads, np.asarray(bases) / 1e6, "o", color="C0", label=f"{strategy} ({len(bases)} bases)")
     if compare_paper:
@@ -293,8 +326,10 @@ def plot_base_set(path: str, bases, *, strategy: str, head_dim: int, result=None
     ax.set_ylabel("base (millions)")
     ax.grid(lw=0.3, alpha=0.5)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
 
+
+def _save_png(fig, path) -> None:
+    """Written under a temporary name and renamed: an interrupted run never leaves a truncated PNG."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
