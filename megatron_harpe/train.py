@@ -23,7 +23,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_backend()
+    # The config is read and checked before torch or megatron-core is imported: a bad config or
+    # --print-config answers in well under a second, on every rank, before any process group.
     from megatron_harpe.config.loader import ConfigError, dump_config, load_config
     from megatron_harpe.config.validate import validate_config
     from megatron_harpe.parallel.launch import detect_launch, init_distributed
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump_config(cfg))
         return 0
-    launch = init_distributed()
+    setup_backend()
+    launch = init_distributed(info=launch)
     if launch.rank == 0:
         print(f"harpe-train: {launch.launcher} launch, world size {launch.world_size}\n{dump_config(cfg)}", flush=True)
     from megatron_harpe.training.trainer import run

@@ -30,7 +30,7 @@ from megatron_harpe.convert.hf_runtime import hf_greedy, load_hf_causal_lm  # no
 from megatron_harpe.convert.megatron_io import (build_full_model, megatron_logits, open_checkpoint,  # noqa: E402
                                                 single_process_world)
 from megatron_harpe.convert.tokenizer_files import write_hf_tokenizer  # noqa: E402
-from megatron_harpe.models.config import PositionEmbeddingConfig  # noqa: E402
+from megatron_harpe.config.model import PositionEmbeddingConfig  # noqa: E402
 from tests.data_fixtures import *  # noqa: E402,F401,F403
 from tests.launch import run_workers  # noqa: E402
 
@@ -335,7 +335,7 @@ def _write_config(directory: Path, **changes):
     (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), {}, "unsupported architecture"),
     (dict(attention_bias=True), {}, "attention_bias"),
     ({}, dict(tp=3), "divisible by tensor_model_parallel_size"),
-    ({}, dict(pp=3), "not divisible by --pp 3"),
+    ({}, dict(pp=3), "--pp 3.*num_layers \\(4\\) must be divisible by pipeline_model_parallel_size"),
     ({}, dict(position=PositionEmbeddingConfig(kind="harpe", bases=[1e4, 1e5, 1e6])), "3 bases.*2 K/V groups"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), {}, "--position-kind"),
     (dict(intermediate_size=200), {}, "shape mismatch"),

@@ -132,14 +132,15 @@ def test_progress_lines_and_stats_json(tmp_path, capsys, corpus_jsonl, spm_model
 
 
 def test_gpt_dataset_builds_samples(tmp_path, capsys, corpus_jsonl, spm_model):
-    from megatron_harpe.data.gpt import build_gpt_datasets
+    from megatron_harpe.data.gpt_dataset import build_gpt_datasets
     prefix = tmp_path / "gpt"
     assert _run(capsys, "--input", corpus_jsonl, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm_model,
                 "--output-prefix", prefix, "--workers", 1, "--append-eod")[0] == 0
     tok = load_tokenizer("sentencepiece", spm_model)
-    train, valid, test = build_gpt_datasets([f"{prefix}_text_document"], tok, seq_length=256,
+    train, valid, test = build_gpt_datasets([f"{prefix}_text_document"], seq_length=256,
                                             num_samples=(40, 5, None), split="90,10,0",
-                                            cache_dir=str(tmp_path / "cache"), seed=7)
+                                            cache_dir=str(tmp_path / "cache"), seed=7,
+                                            vocab_size=tok.vocab_size, eod_id=tok.eod_id)
     assert test is None and len(train) >= 40 and len(valid) >= 5
     ds = _megatron_dataset(f"{prefix}_text_document")  # keep it alive: its arrays view its mmap
     stream = np.concatenate([np.array(ds[i]) for i in range(len(ds))])

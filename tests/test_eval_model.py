@@ -182,7 +182,7 @@ def test_megatron_checkpoint_is_evaluated_through_the_exporter(tiny_model_dir, c
     from megatron_harpe.convert.megatron_io import build_full_model, megatron_logits, open_checkpoint, \
         single_process_world
     from megatron_harpe.models.checkpoint import load_model as load_megatron
-    from megatron_harpe.models.config import PositionEmbeddingConfig
+    from megatron_harpe.config.model import PositionEmbeddingConfig
 
     _, tokenizer = hf_pair
     ckpt = tmp_path / "mg_harpe"

@@ -158,9 +158,9 @@ def test_never_builds_all_heads_when_sliced():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(bases=[1e4, 2e4, 3e4], num_attention_heads=4, num_query_groups=4), "one base per K/V group"),
+        (dict(bases=[1e4, 2e4, 3e4], num_attention_heads=4, num_query_groups=4), "3 bases but the model has 4 K/V groups"),
         (dict(bases=[1e4, 2e4], num_attention_heads=3, num_query_groups=2), "multiple of num_query_groups"),
-        (dict(bases=[1e4, 0.5], num_attention_heads=2, num_query_groups=2), "finite and > 1"),
+        (dict(bases=[1e4, 0.5], num_attention_heads=2, num_query_groups=2), "every RoPE base must be > 1"),
     ],
 )
 def test_bad_layouts_are_rejected(kwargs, message):

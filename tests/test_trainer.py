@@ -75,8 +75,8 @@ def test_stage_schedule_switches_length_and_base(tmp_path):
     stage_of = {e["iteration"]: e["stage"] for e in events if "stage" in e}
     assert [stage_of[i] for i in range(1, 9)] == [0, 0, 0, 1, 1, 1, 2, 2]
     begins = [e["event"] for e in events if "event" in e and "begins" in e["event"]]
-    assert "stage 1 (s64) begins at iteration 3: seq_length 64, rope base 5e+04" in begins
-    assert "stage 2 (s128) begins at iteration 6: seq_length 128, rope base 2e+05" in begins
+    assert "stage 1 (s64) begins at iteration 3: seq_length 64, RoPE base 50000" in begins
+    assert "stage 2 (s128) begins at iteration 6: seq_length 128, RoPE base 200000" in begins
     # the stage ends were checkpointed with their own base, the final one with the last
     ckpts = tmp_path / "abf_multi" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_0000006", "iter_0000008"]  # keep_last 2
@@ -100,7 +100,8 @@ def test_loss_falls_on_mock_data(tmp_path):
     (["model.num_heads=4"], "unknown key(s): model.num_heads"),
     (["model.position.bases=[10000,20000,30000]"], "3 bases but the model has 2 K/V groups"),
     (["parallel.tensor=8"], "world size 2 is not divisible"),
-    (["parallel.tensor=2", "model.num_query_groups=1"], "num_query_groups (1) must be divisible"),
+    (["parallel.tensor=2", "model.num_query_groups=1", "model.position.bases=[1e4]"],
+     "num_query_groups (1) must be divisible"),
     (["parallel.context=2", "data.seq_length=30"], "divisible by 2 * context_parallel_size"),
     (["data.kind=indexed", "data.blend=[/nonexistent/corpus]"], "/nonexistent/corpus.bin does not exist"),
 ])

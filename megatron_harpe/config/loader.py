@@ -3,23 +3,36 @@
 `harpe-train --config examples/x.yaml training.iterations=20 model.position.kind=harpe`
 Values of overrides are parsed as YAML (numbers, booleans, lists: `model.position.bases=[1e4,1e6]`).
 Unknown keys are errors that name the key and list the known ones; numbers written like 1e6
-(which YAML reads as a string) are accepted for numeric fields.
+(which YAML reads as a string) are accepted for numeric fields. Each section is checked when it is
+built (the dataclasses' __post_init__: a HARPE base set is resolved to its list then), so the
+error names the section.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Union
 
 import yaml
 
+from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.schema import Config
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key it concerns."""
+
+
+#: Keys that existed once and were removed: a config that still sets one learns why.
+REMOVED_KEYS = {
+    "data.num_workers": "batches are read in the training process (megatron-core's mmap'd GPTDataset is not the "
+                        "bottleneck); remove the key",
+    "checkpoint.save_on_signal": "a run always checkpoints before stopping on one of checkpoint.exit_signals; "
+                                 "set checkpoint.exit_signals=[] to not stop on signals",
+}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -73,21 +86,52 @@ def from_dict(cls, data: Dict[str, Any], where: str = "config"):
     """Build dataclass `cls` from a mapping, rejecting unknown keys by their dotted name."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    prefix = "" if where == "config" else f"{where}."
     unknown = sorted(set(data) - set(names))
+    for key in unknown:
+        removed = REMOVED_KEYS.get(_without_index(prefix + key))
+        if removed:
+            raise ConfigError(f"{prefix}{key} was removed: {removed}")
     if unknown:
-        prefix = "" if where == "config" else f"{where}."
         raise ConfigError(f"unknown key(s): {', '.join(prefix + u for u in unknown)}; "
                           f"known keys under {where}: {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name in data:
-            dotted = name if where == "config" else f"{where}.{name}"
-            kwargs[name] = _coerce(data[name], hints[name], dotted)
-    return cls(**kwargs)
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section's own check (__post_init__)
+        raise ConfigError(_in_section(str(err), where, names)) from None
+
+
+def _in_section(message: str, where: str, names: List[str]) -> str:
+    """Make a section's message name its key in full: "position.base must..." raised while
+    building `model.position` reads "model.position.base must..."."""
+    if where == "config":
+        return message
+    parent, _, last = where.rpartition(".")
+    if message.startswith(last + "."):
+        return f"{parent + '.' if parent else ''}{message}"
+    if any(message.startswith(name + ".") or message.startswith(name + " ") for name in names):
+        return f"{where}.{message}"
+    return f"{where}: {message}"
+
+
+def _without_index(dotted: str) -> str:
+    return re.sub(r"\[\d+\]", "", dotted)
 
 
 def to_dict(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(data: Dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a plain dict (a `model:` YAML section, a checkpoint's record), with the same
+    unknown-key and type errors as harpe-train's config."""
+    return from_dict(ModelConfig, dict(data), "model")
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -131,11 +175,3 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
-
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(path)

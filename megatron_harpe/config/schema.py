@@ -8,9 +8,9 @@ leaving some ranks waiting in a collective.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from megatron_harpe.models.config import ModelConfig
+from megatron_harpe.config.model import ModelConfig
 
 
 @dataclass
@@ -66,9 +66,21 @@ class DataConfig:
     tokenizer_type: Optional[str] = None  # sentencepiece | huggingface
     tokenizer_model: Optional[str] = None
     cache_dir: Optional[str] = None  # GPTDataset index cache; None = <run_dir>/data_cache
-    num_workers: int = 0
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
+
+
+def parse_blend(blend: List) -> Tuple[List[str], Optional[List[float]]]:
+    """`data.blend` as (prefixes, weights or None): ["a", "b"] or [w1, "a", w2, "b"]."""
+    if not blend:
+        raise ValueError("data.blend is empty: list the .bin/.idx prefixes to train on "
+                         "(e.g. [data/corpus_text_document]) or set data.kind=mock")
+    if all(isinstance(x, str) for x in blend):
+        return [str(p) for p in blend], None
+    if len(blend) % 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and isinstance(p, str)
+                                 for w, p in zip(blend[::2], blend[1::2])):
+        raise ValueError(f"data.blend must be prefixes, or alternating weight, prefix; got {blend!r}")
+    return [str(p) for p in blend[1::2]], [float(w) for w in blend[::2]]
 
 
 @dataclass
@@ -106,8 +118,7 @@ class CheckpointConfig:
     save_interval: int = 0  # 0 = only at the end (and on signals / stage ends)
     keep_last: int = 2
     resume: bool = True  # resume automatically from the latest checkpoint in dir
-    exit_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    save_on_signal: bool = True
+    exit_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # [] = no stop on signals
 
 
 @dataclass

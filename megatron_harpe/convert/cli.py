@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yarn-beta-slow", type=float, default=1.0)
     p.add_argument("--bases", type=_bases, help="harpe: the base set, one per K/V group, e.g. 1e4,1e6")
     p.add_argument("--base-strategy", help="harpe: uniform | uniform-desc | peak-valley | paper-llama2-7b | file")
-    p.add_argument("--base-min", type=float, default=1.0e6)
-    p.add_argument("--base-max", type=float, default=5.0e6)
-    p.add_argument("--base-stride", type=float, default=3.0e4)
+    p.add_argument("--base-min", type=float, help="harpe uniform/peak-valley: smallest base (default 1e6)")
+    p.add_argument("--base-max", type=float, help="harpe uniform/peak-valley: largest base (default 5e6)")
+    p.add_argument("--base-stride", type=float, help="harpe peak-valley: candidate stride (default 3e4)")
     p.add_argument("--bases-file")
 
     b = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF directory (safetensors, config, tokenizer)")
@@ -78,24 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def position_from_args(args, hf_dir: str):
     """The PositionEmbeddingConfig the options ask for, or None to keep the checkpoint's."""
+    from megatron_harpe.config.model import PositionEmbeddingConfig
     from megatron_harpe.convert.errors import ConversionError
     from megatron_harpe.convert.hf_config import hf_rope_settings, read_hf_config
-    from megatron_harpe.models.config import PositionEmbeddingConfig
 
-    given = [name for name in ("rope_base", "interpolation_factor", "yarn_factor",
-                               "yarn_original_max_position_embeddings", "bases", "base_strategy", "bases_file")
-             if getattr(args, name) is not None]
+    names = {"rope_base": "base", "interpolation_factor": "interpolation_factor", "yarn_factor": "yarn_factor",
+             "yarn_original_max_position_embeddings": "yarn_original_max_position_embeddings", "bases": "bases",
+             "base_strategy": "base_strategy", "base_min": "base_min", "base_max": "base_max",
+             "base_stride": "base_stride", "bases_file": "bases_file"}
+    given = {field: getattr(args, option) for option, field in names.items() if getattr(args, option) is not None}
     if args.position_kind is None:
         if given:
-            raise ConversionError(f"--{given[0].replace('_', '-')} needs --position-kind")
+            first = next(option for option, field in names.items() if field in given)
+            raise ConversionError(f"--{first.replace('_', '-')} needs --position-kind")
         return None
-    base = args.rope_base if args.rope_base is not None else hf_rope_settings(read_hf_config(hf_dir))["rope_theta"]
-    return PositionEmbeddingConfig(
-        kind=args.position_kind, base=base, interpolation_factor=args.interpolation_factor,
-        yarn_factor=args.yarn_factor, yarn_original_max_position_embeddings=args.yarn_original_max_position_embeddings,
-        yarn_beta_fast=args.yarn_beta_fast, yarn_beta_slow=args.yarn_beta_slow, bases=args.bases,
-        base_strategy=args.base_strategy, base_min=args.base_min, base_max=args.base_max,
-        base_stride=args.base_stride, bases_file=args.bases_file)
+    if args.position_kind != "harpe" and "base" not in given:
+        given["base"] = hf_rope_settings(read_hf_config(hf_dir))["rope_theta"]
+    try:
+        return PositionEmbeddingConfig(kind=args.position_kind, yarn_beta_fast=args.yarn_beta_fast,
+                                       yarn_beta_slow=args.yarn_beta_slow, **given)
+    except ValueError as err:  # messages name the config keys: position.base is --rope-base, etc.
+        raise ConversionError(f"--position-kind {args.position_kind}: {err}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

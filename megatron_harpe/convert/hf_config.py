@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_harpe.convert.errors import ConversionError
-from megatron_harpe.models.config import ModelConfig, PositionEmbeddingConfig
+from megatron_harpe.config.model import ModelConfig, PositionEmbeddingConfig
 
 #: model_type -> the class a HF checkpoint of that type is built with
 SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "harpe_llama": "HarpeLlamaForCausalLM"}
@@ -147,8 +147,16 @@ def model_config_from_hf(hf: Dict[str, Any], position: Optional[PositionEmbeddin
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or hidden // heads)
     kv_channels = None if (hidden % heads == 0 and head_dim == hidden // heads) else head_dim
-    if position is None:
-        position = position_from_hf(hf)
+    try:
+        return _model_config(hf, hidden, heads, kv_channels, position or position_from_hf(hf),
+                             max_position_embeddings)
+    except ValueError as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(f"config.json does not describe a model this project can hold: {err}") from None
+
+
+def _model_config(hf, hidden, heads, kv_channels, position, max_position_embeddings) -> ModelConfig:
     return ModelConfig(
         num_layers=int(hf["num_hidden_layers"]),
         hidden_size=hidden,
@@ -165,15 +173,6 @@ def model_config_from_hf(hf: Dict[str, Any], position: Optional[PositionEmbeddin
     )
 
 
-def explicit_bases(model_cfg: ModelConfig) -> ModelConfig:
-    """A copy whose HARPE base set is written out (no strategy or file needed to rebuild it)."""
-    if model_cfg.position.kind != "harpe":
-        return model_cfg
-    bases = model_cfg.position.resolve_bases(model_cfg.groups, model_cfg.head_dim)
-    position = dataclasses.replace(model_cfg.position, bases=bases, base_strategy=None, bases_file=None)
-    return dataclasses.replace(model_cfg, position=position)
-
-
 # ----------------------------------------------------------------------------- ModelConfig -> HF
 def check_exportable(model_cfg: ModelConfig) -> None:
     if model_cfg.rotary_percent != 1.0:
@@ -183,10 +182,10 @@ def check_exportable(model_cfg: ModelConfig) -> None:
                               "this model's q/k rows are in the interleaved order and cannot be exported as Llama")
 
 
-def rope_records(position: PositionEmbeddingConfig, bases=None) -> Dict[str, Any]:
+def rope_records(position: PositionEmbeddingConfig) -> Dict[str, Any]:
     """rope_theta + rope_scaling (transformers 4) and rope_parameters (transformers 5), consistent."""
     if position.kind == "harpe":
-        theta = float(bases[0])
+        theta = float(position.bases[0])
         return {"rope_theta": theta, "rope_scaling": None,
                 "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
     theta = float(position.base)
@@ -211,7 +210,6 @@ def hf_config_dict(model_cfg: ModelConfig, *, vocab_size: int, dtype_name: str,
     check_exportable(model_cfg)
     position = model_cfg.position
     harpe = position.kind == "harpe"
-    bases = position.resolve_bases(model_cfg.groups, model_cfg.head_dim) if harpe else None
     token_ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None, **(token_ids or {})}
     config: Dict[str, Any] = {
         "architectures": ["HarpeLlamaForCausalLM" if harpe else "LlamaForCausalLM"],
@@ -236,10 +234,10 @@ def hf_config_dict(model_cfg: ModelConfig, *, vocab_size: int, dtype_name: str,
         "torch_dtype": dtype_name,  # transformers 4
         "dtype": dtype_name,  # transformers 5
         **token_ids,
-        **rope_records(position, bases),
+        **rope_records(position),
     }
     if harpe:
-        config["harpe_bases"] = [float(b) for b in bases]
+        config["harpe_bases"] = [float(b) for b in position.bases]
         config["auto_map"] = dict(HARPE_AUTO_MAP)
     try:
         import transformers

@@ -32,13 +32,14 @@ import yaml
 
 from megatron_harpe.convert.errors import ConversionError
 from megatron_harpe.convert.hf_checkpoint import HFCheckpoint
-from megatron_harpe.convert.hf_config import explicit_bases, model_config_from_hf, read_hf_config
+from megatron_harpe.convert.hf_config import model_config_from_hf, read_hf_config
 from megatron_harpe.convert.mapping import IGNORED_HF_SUFFIXES, hf_sources, megatron_tensor
 from megatron_harpe.convert.megatron_io import (CONVERSION_KEY, HF_SOURCE_DIR, MODEL_KEY, MODEL_YAML,
                                                 build_full_model, dtype_name, parse_dtype, single_process_world)
-from megatron_harpe.convert.summary import ConversionSummary, position_summary, progress, publish, staging_dir
+from megatron_harpe.convert.summary import ConversionSummary, progress, staging_dir
 from megatron_harpe.convert.tokenizer_files import copy_tokenizer_files
-from megatron_harpe.models.config import ModelConfig, PositionEmbeddingConfig
+from megatron_harpe.config.model import ModelConfig, PositionEmbeddingConfig, check_layout
+from megatron_harpe.files import publish, staging_path
 
 
 def plan_model_config(hf_dir: str | Path, *, tp: int = 1, pp: int = 1,
@@ -52,17 +53,11 @@ def plan_model_config(hf_dir: str | Path, *, tp: int = 1, pp: int = 1,
     if make_vocab_size_divisible_by > 1:
         multiple = make_vocab_size_divisible_by
         model_cfg = dataclasses.replace(model_cfg, vocab_size=-(-hf_vocab // multiple) * multiple)
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1; got {tp}, {pp}")
     try:
-        model_cfg.validate(tensor_parallel=tp)
-        model_cfg = explicit_bases(model_cfg)
+        check_layout(model_cfg, tensor=tp, pipeline=pp)
     except ValueError as err:
         hint = " (--make-vocab-size-divisible-by N pads it)" if "vocab_size" in str(err) else ""
-        raise ConversionError(f"cannot convert {hf_dir} (for TP={tp}): {err}{hint}") from None
-    if model_cfg.num_layers % pp:
-        raise ConversionError(f"num_hidden_layers ({model_cfg.num_layers}) is not divisible by --pp {pp}; each "
-                              f"pipeline stage holds the same number of layers")
+        raise ConversionError(f"cannot convert {hf_dir} (for --tp {tp} --pp {pp}): {err}{hint}") from None
     return model_cfg, hf, hf_vocab
 
 
@@ -121,11 +116,11 @@ def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, *, tp: int = 1,
         publish(staging, save)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(staging.with_name(f".{staging.name}.incomplete"), ignore_errors=True)  # save_model's own
+        shutil.rmtree(staging_path(staging), ignore_errors=True)  # save_model's own staging
         raise
     return ConversionSummary("hf-to-megatron", str(hf_dir), str(save), parameters=parameters, tensors=tensors,
                              shards=len(reader.files), seconds=time.perf_counter() - started,
-                             dtype=dtype_name(params_dtype), position=position_summary(model_cfg.position),
+                             dtype=dtype_name(params_dtype), position=model_cfg.position.describe(),
                              extra={"loads at": f"TP={tp} PP={pp} (any layout)", **extra})
 
 

@@ -1,6 +1,6 @@
 """Tensor by tensor: Hugging Face Llama names/layouts <-> megatron-core's full (TP=1, PP=1) state dict.
 
-    HF Llama                                        megatron-core (models/sharding.py names)
+    HF Llama                                        megatron-core (TP=1/PP=1 parameter names)
     model.embed_tokens.weight                       embedding.word_embeddings.weight
     model.layers.i.input_layernorm.weight           decoder.layers.i.input_layernorm.weight
     model.layers.i.self_attn.{q,k,v}_proj.weight    decoder.layers.i.self_attention.linear_qkv.weight
@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from megatron_harpe.convert.errors import ConversionError
-from megatron_harpe.models.config import ModelConfig
+from megatron_harpe.config.model import ModelConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 #: HF tensors that carry no weights of their own (old checkpoints saved RoPE tables)

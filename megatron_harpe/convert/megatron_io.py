@@ -27,10 +27,12 @@ from typing import Any, Dict, Optional
 import torch
 import yaml
 
+from megatron_harpe.config.loader import ConfigError, from_dict, model_config_from_dict
+from megatron_harpe.config.model import ModelConfig
+from megatron_harpe.config.position_record import RECORD_KEY, position_from_record
 from megatron_harpe.convert.errors import ConversionError
-from megatron_harpe.models.config import ModelConfig, PositionEmbeddingConfig, model_config_from_dict
 
-#: common-state keys this package adds beside models.metadata.METADATA_KEY
+#: common-state keys this package adds beside config.position_record.RECORD_KEY
 MODEL_KEY = "megatron_harpe_model"  # the ModelConfig as a dict
 CONVERSION_KEY = "megatron_harpe_conversion"  # where the weights came from, tokenizer, vocabulary
 HF_SOURCE_DIR = "hf_source"  # inside a converted checkpoint: the HF config, generation config, tokenizer
@@ -93,8 +95,8 @@ def single_process_world():
 
 def build_full_model(model_cfg: ModelConfig, dtype: torch.dtype):
     """The whole model (TP=1, PP=1) in eval mode, parameters left uninitialised (they are overwritten)."""
-    from megatron_harpe.models.config import build_transformer_config
     from megatron_harpe.models.provider import build_model
+    from megatron_harpe.models.transformer_config import build_transformer_config
 
     config = build_transformer_config(model_cfg, params_dtype=dtype, perform_initialization=False)
     model = build_model(model_cfg, config, parallel_output=False)
@@ -140,29 +142,11 @@ def _load_yaml(path: Path) -> Dict[str, Any]:
 
 
 def _model_section(data: Dict[str, Any], where: str) -> ModelConfig:
-    from megatron_harpe.config.loader import ConfigError, from_dict
-
     section = data.get("model") if isinstance(data.get("model"), dict) else data
     try:
         return from_dict(ModelConfig, section, "model")
     except (ConfigError, TypeError) as err:
         raise ConversionError(f"{where}: not a model config: {err}") from None
-
-
-def position_from_record(record: Dict[str, Any], configured: PositionEmbeddingConfig) -> PositionEmbeddingConfig:
-    """The PositionEmbeddingConfig a checkpoint's position record describes."""
-    kind = record["kind"]
-    if kind == "harpe":
-        return PositionEmbeddingConfig(kind="harpe", bases=[float(b) for b in record["bases"]])
-    position = PositionEmbeddingConfig(kind=kind, base=float(record["base"]))
-    if kind == "pi":
-        position.interpolation_factor = float(record["interpolation_factor"])
-    if kind == "yarn":
-        position.yarn_factor = float(record["yarn_factor"])
-        position.yarn_original_max_position_embeddings = int(record["yarn_original_max_position_embeddings"])
-        if configured.kind == "yarn":  # betas are not in the record; the config has them
-            position.yarn_beta_fast, position.yarn_beta_slow = configured.yarn_beta_fast, configured.yarn_beta_slow
-    return position
 
 
 @dataclass
@@ -181,7 +165,6 @@ class MegatronCheckpoint:
 def open_checkpoint(load: str | Path, config: Optional[str | Path] = None) -> MegatronCheckpoint:
     """Find the checkpoint, read its common state and rebuild its ModelConfig."""
     from megatron_harpe.models.checkpoint import read_common_state
-    from megatron_harpe.models.metadata import METADATA_KEY
 
     path = locate_checkpoint(load)
     common = read_common_state(path)
@@ -193,24 +176,30 @@ def open_checkpoint(load: str | Path, config: Optional[str | Path] = None) -> Me
     if config is not None:
         model_cfg, source = _model_section(_load_yaml(Path(config)), str(config)), f"--config {config}"
     elif common.get(MODEL_KEY):
-        model_cfg, source = model_config_from_dict(common[MODEL_KEY]), "the checkpoint's model record"
+        try:
+            model_cfg, source = model_config_from_dict(common[MODEL_KEY]), "the checkpoint's model record"
+        except ConfigError as err:
+            raise ConversionError(f"{path}: its model record is not a model config this version reads: {err}") from None
     elif run_config is not None:
         model_cfg, source = _model_section(run_config, str(run_config_path)), str(run_config_path)
     else:
         raise ConversionError(f"{path}: cannot tell the model architecture (no model record in the checkpoint and no "
                               f"config.yaml beside it); pass --config with the run's YAML (its model: section)")
-    record = common.get(METADATA_KEY)
+    record = common.get(RECORD_KEY)
     if record is None:
-        raise ConversionError(f"{path} has no position-encoding record ({METADATA_KEY}); it was not written by "
+        raise ConversionError(f"{path} has no position-encoding record ({RECORD_KEY}); it was not written by "
                               f"megatron-harpe, so the RoPE base(s) of its weights are unknown")
     for key, ours in (("head_dim", model_cfg.head_dim), ("num_query_groups", model_cfg.groups)):
         if key in record and record[key] != ours:
             raise ConversionError(f"{path}: the position record says {key}={record[key]} but the model config "
                                   f"({source}) gives {ours}; pass the right --config")
-    position = position_from_record(record, model_cfg.position)
-    model_cfg = dataclasses.replace(model_cfg, position=position,
-                                    rotary_percent=record.get("rotary_percent", model_cfg.rotary_percent),
-                                    rotary_interleaved=record.get("rotary_interleaved", model_cfg.rotary_interleaved))
+    try:  # the record is the encoding the weights were last trained with (a staged run changes it)
+        model_cfg = dataclasses.replace(model_cfg, position=position_from_record(record),
+                                        rotary_percent=record.get("rotary_percent", model_cfg.rotary_percent),
+                                        rotary_interleaved=record.get("rotary_interleaved",
+                                                                      model_cfg.rotary_interleaved))
+    except ValueError as err:
+        raise ConversionError(f"{path}: its position record does not fit the model config ({source}): {err}") from None
     return MegatronCheckpoint(path=path, common=common, model_cfg=model_cfg, config_source=source,
                               run_config=run_config)
 

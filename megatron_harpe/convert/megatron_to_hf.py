@@ -35,7 +35,8 @@ from megatron_harpe.convert.mapping import hf_tensors
 from megatron_harpe.convert.megatron_io import (CONVERSION_KEY, HF_SOURCE_DIR, MegatronCheckpoint, build_full_model,
                                                 dtype_name, locate_checkpoint, megatron_logits, open_checkpoint,
                                                 parse_dtype, single_process_world, stored_dtype)
-from megatron_harpe.convert.summary import ConversionSummary, position_summary, progress, publish, staging_dir
+from megatron_harpe.convert.summary import ConversionSummary, progress, staging_dir
+from megatron_harpe.files import publish
 from megatron_harpe.convert.tokenizer_files import TokenizerInfo, is_tokenizer_dir, write_hf_tokenizer
 
 
@@ -150,7 +151,7 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, tokenizer: Opti
         raise
     return ConversionSummary("megatron-to-hf", str(ckpt.path), str(out), parameters=stats["parameters"],
                              tensors=stats["tensors"], shards=stats["shards"], seconds=time.perf_counter() - started,
-                             dtype=dtype_name(out_dtype), position=position_summary(model_cfg.position), extra=extra)
+                             dtype=dtype_name(out_dtype), position=model_cfg.position.describe(), extra=extra)
 
 
 def _write_tokenizer(source: Optional[Path], staging: Path, model_cfg) -> Optional[TokenizerInfo]:

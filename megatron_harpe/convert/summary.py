@@ -1,4 +1,4 @@
-"""What a conversion did, as one line, and the staging helpers both directions share."""
+"""What a conversion did, as one line, and where both directions stage their output."""
 from __future__ import annotations
 
 import shutil
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_harpe.convert.errors import ConversionError
+from megatron_harpe.files import staging_path
 
 
 @dataclass
@@ -31,41 +32,17 @@ class ConversionSummary:
         return text
 
 
-def position_summary(position) -> str:
-    if position.kind == "harpe":
-        bases = position.bases or []
-        shown = ", ".join(f"{b:g}" for b in bases[:4]) + (", ..." if len(bases) > 4 else "")
-        return f"HARPE {len(bases)} bases [{shown}]"
-    if position.kind == "pi":
-        return f"RoPE base {position.base:g} + PI x{position.interpolation_factor:g}"
-    if position.kind == "yarn":
-        return f"YaRN base {position.base:g} x{position.yarn_factor:g}"
-    return f"RoPE base {position.base:g}"
-
-
 def staging_dir(final: Path, overwrite: bool) -> Path:
-    """A fresh sibling directory to write into, renamed to `final` by `publish`."""
+    """A fresh staging directory for `final` (files.publish renames it into place when complete)."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise ConversionError(f"{final} already exists; pass --overwrite to replace it, or choose another directory")
     if final.exists() and not final.is_dir():
         raise ConversionError(f"{final} exists and is not a directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.incomplete"
+    staging = staging_path(final)
     shutil.rmtree(staging, ignore_errors=True)
     return staging
-
-
-def publish(staging: Path, final: Path) -> None:
-    """Replace `final` by the finished `staging` directory (an interrupted run leaves `final` untouched)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)
 
 
 def progress(iterable, total: Optional[int], desc: str, enabled: bool):

@@ -1,37 +1,28 @@
-"""Model weights as megatron-core `torch_dist` checkpoints, with the position-encoding record.
+"""megatron-core `torch_dist` checkpoints: the one path every checkpoint is written and read through.
 
-A torch_dist checkpoint can be loaded into any TP/PP layout (megatron-core reshards it), so a
-model saved at TP=2 resumes at TP=1. What the weights cannot say — which RoPE base(s) the
-model was trained with — is stored beside them in the checkpoint's common state and checked
-on load (see metadata.py). Writes go to a temporary directory renamed into place only when
-every rank has finished, so an interrupted save never looks like a complete checkpoint.
-
-The trainer's checkpoints (optimizer, scheduler, RNG, data position) build on these two
-functions.
+The trainer's checkpoints (model + optimizer + RNG + scheduler), the converters' checkpoints
+(model only) and the evaluation's loads all come here, so they share three guarantees:
+- A torch_dist checkpoint loads into any TP/PP layout (megatron-core reshards it).
+- It carries the position-encoding record (config/position_record.py), which the weights cannot
+  tell; loading checks it unless the caller deliberately changes the encoding (init_from).
+- It is written under a staging name and renamed into place when every rank has finished, so an
+  interrupted save never looks like a complete checkpoint.
 """
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-from megatron_harpe.models.config import ModelConfig
-from megatron_harpe.models.metadata import METADATA_KEY, position_metadata, verify_position_metadata
-
-
-def _chunk_key(index: int, num_chunks: int) -> str:
-    return "model" if num_chunks == 1 else f"model{index}"
-
-
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from megatron_harpe.config.model import ModelConfig
+from megatron_harpe.config.position_record import RECORD_KEY, position_record, verify_position_record
+from megatron_harpe.files import publish, staging_path
+from megatron_harpe.models.unwrap import unwrap_model
 
 
 def _rank() -> int:
@@ -43,55 +34,92 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_model(model_chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig, directory: str | os.PathLike,
-               extra_common: Optional[Dict[str, Any]] = None) -> Path:
-    """Save every rank's model chunks into `directory` (collective: all ranks call it)."""
+def model_state_key(index: int, num_chunks: int) -> str:
+    """The key of one model chunk in a checkpoint ("model", or "model0", "model1"... with virtual stages)."""
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def model_sharded_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+    """This rank's sharded state dicts of its model chunks, keyed as in the checkpoint."""
+    return {model_state_key(i, len(chunks)): unwrap_model(chunk).sharded_state_dict()
+            for i, chunk in enumerate(chunks)}
+
+
+def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any]) -> None:
+    for i, chunk in enumerate(chunks):
+        unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
+
+
+def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any], model_cfg: ModelConfig, *,
+                     common: Optional[Dict[str, Any]] = None, side_files: Optional[Dict[str, str]] = None,
+                     content_metadata: Optional[Dict[str, Any]] = None) -> Path:
+    """Save a torch_dist checkpoint to `directory` (collective: every rank calls it).
+
+    `sharded_state` is what megatron-core saves (model chunks, optimizer, ...); `common` is
+    plain data readable without loading tensors; `side_files` ({name: text}) are written by
+    rank 0 into the directory (e.g. the run's config.yaml).
+    """
     directory = Path(directory)
-    staging = directory.with_name(f".{directory.name}.incomplete")
+    staging = staging_path(directory)
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    state: Dict[str, Any] = {_chunk_key(i, len(model_chunks)): _unwrap(chunk).sharded_state_dict()
-                             for i, chunk in enumerate(model_chunks)}
-    state[METADATA_KEY] = position_metadata(model_cfg)
-    state.update(extra_common or {})
-    dist_checkpointing.save(state, str(staging))
+    state = dict(sharded_state)
+    state[RECORD_KEY] = position_record(model_cfg)
+    state.update(common or {})
+    dist_checkpointing.save(state, str(staging), content_metadata=content_metadata)
     _barrier()
     if _rank() == 0:
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
+        for name, text in (side_files or {}).items():
+            (staging / name).write_text(text)
+        publish(staging, directory)
     _barrier()
     return directory
 
 
 def read_common_state(directory: str | os.PathLike) -> Dict[str, Any]:
-    """The non-sharded part of a checkpoint (metadata, iteration, ...), readable on any rank."""
+    """The non-sharded part of a checkpoint (position record, iteration, ...), readable on any rank."""
     directory = Path(directory)
     if not (directory / "metadata.json").exists():
         raise FileNotFoundError(f"{directory} is not a complete torch_dist checkpoint (no metadata.json); "
-                                f"pass the directory that save_model wrote")
+                                f"pass the directory that the trainer or harpe-convert wrote")
     return dist_checkpointing.load_common_state_dict(str(directory))
 
 
-def load_model(model_chunks: List[torch.nn.Module], model_cfg: ModelConfig, directory: str | os.PathLike,
-               check_position: bool = True) -> Dict[str, Any]:
-    """Load weights into this rank's chunks, whatever layout they were saved in.
+def check_position_record(common: Mapping[str, Any], model_cfg: ModelConfig, directory) -> None:
+    saved = common.get(RECORD_KEY)
+    if saved is None:
+        raise ValueError(f"checkpoint {directory} has no position-encoding record; load it as weights only "
+                         f"(training.init_from) if it comes from elsewhere")
+    verify_position_record(saved, position_record(model_cfg), where=f"checkpoint {directory}")
 
-    check_position=False is for deliberate changes of position encoding (continual
-    pretraining from a one-base model into HARPE, or the next ABF stage).
+
+def read_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any],
+                    model_cfg: Optional[ModelConfig]) -> tuple[Dict[str, Any], Dict[str, Any]]:
+    """Load `sharded_state`'s entries from a checkpoint: (loaded state, common state).
+
+    With `model_cfg`, the checkpoint's position record must match it; None loads weights whatever
+    their position encoding (a deliberate change: continual pretraining into HARPE, an ABF stage).
     """
     common = read_common_state(directory)
-    if check_position:
-        saved = common.get(METADATA_KEY)
-        if saved is None:
-            raise ValueError(f"checkpoint {directory} has no position-encoding record; load it with "
-                             f"check_position=False (init_from) if it comes from elsewhere")
-        verify_position_metadata(saved, position_metadata(model_cfg), where=f"checkpoint {directory}")
-    sharded = {_chunk_key(i, len(model_chunks)): _unwrap(chunk).sharded_state_dict()
-               for i, chunk in enumerate(model_chunks)}
-    loaded = dist_checkpointing.load(sharded, str(directory))
-    for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded[_chunk_key(i, len(model_chunks))], strict=True)
+    if model_cfg is not None:
+        check_position_record(common, model_cfg, directory)
+    return dist_checkpointing.load(sharded_state, str(directory)), common
+
+
+def save_model(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig, directory: str | os.PathLike,
+               extra_common: Optional[Dict[str, Any]] = None) -> Path:
+    """Save every rank's model chunks (weights only) into `directory` (collective)."""
+    return write_checkpoint(directory, model_sharded_state(chunks), model_cfg, common=extra_common)
+
+
+def load_model(chunks: List[torch.nn.Module], model_cfg: Optional[ModelConfig],
+               directory: str | os.PathLike) -> Dict[str, Any]:
+    """Load weights into this rank's chunks, whatever layout they were saved in; returns the common state.
+
+    `model_cfg=None` skips the position check (see read_checkpoint).
+    """
+    loaded, common = read_checkpoint(directory, model_sharded_state(chunks), model_cfg)
+    load_model_state(chunks, loaded)
     return common

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megatron_harpe.rope.bases import validate_bases
+
 AnglesType = Union[Tensor, Tuple[Tensor, Tensor]]
 
 
@@ -83,7 +85,6 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         num_attention_heads: query heads of the whole model.
         num_query_groups: K/V groups of the whole model (== num_attention_heads for MHA).
         rotary_interleaved: rotate interleaved pairs (megatron-core semantics).
-        seq_len_interpolation_factor: optional linear position interpolation on top of HARPE.
         tp_group / cp_group: the groups whose slice this rank holds (None = no parallelism).
     """
 
@@ -95,21 +96,19 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         num_attention_heads: int,
         num_query_groups: Optional[int] = None,
         rotary_interleaved: bool = False,
-        seq_len_interpolation_factor: Optional[float] = None,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         cp_group: Optional[torch.distributed.ProcessGroup] = None,
     ) -> None:
-        bases = [float(b) for b in bases]
         num_query_groups = num_query_groups or num_attention_heads
-        _validate_layout(bases, num_attention_heads, num_query_groups, _group_size(tp_group))
-        # The parent's constructor is reused for its bookkeeping (rotary_interleaved,
-        # interpolation factor, cp_group) and its methods (get_rotary_seq_len, dropping a stale
-        # inv_freq from old checkpoints); its single-base inv_freq is replaced below.
+        bases = validate_bases(bases, num_groups=num_query_groups)
+        _check_layout(num_attention_heads, num_query_groups, _group_size(tp_group))
+        # The parent's constructor is reused for its bookkeeping (rotary_interleaved, cp_group)
+        # and its methods (get_rotary_seq_len, dropping a stale inv_freq from old checkpoints);
+        # its single-base inv_freq is replaced below.
         super().__init__(
             kv_channels=kv_channels,
             rotary_percent=rotary_percent,
             rotary_interleaved=rotary_interleaved,
-            seq_len_interpolation_factor=seq_len_interpolation_factor,
             rotary_base=bases[0],
             use_cpu_initialization=True,
             cp_group=cp_group,
@@ -133,8 +132,6 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         """[len(positions), 1, groups_local, dim] angles for the local K/V groups."""
         inv_freq = self.inv_freq
         seq = positions.to(device=inv_freq.device, dtype=inv_freq.dtype)
-        if self.seq_len_interpolation_factor is not None:
-            seq *= 1 / self.seq_len_interpolation_factor
         freqs = seq[:, None, None] * inv_freq[None, :, :]  # [s, groups_local, dim/2]
         if not self.rotary_interleaved:
             emb = torch.cat((freqs, freqs), dim=-1)
@@ -195,23 +192,11 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
                 f"query_heads_per_group={self.query_heads_per_group}")
 
 
-def _validate_layout(bases, num_attention_heads: int, num_query_groups: int, tp_size: int) -> None:
+def _check_layout(num_attention_heads: int, num_query_groups: int, tp_size: int) -> None:
+    """What the module's slicing relies on (config/model.py checks the same when a config is made)."""
     if num_attention_heads % num_query_groups != 0:
-        raise ValueError(
-            f"num_attention_heads ({num_attention_heads}) must be a multiple of num_query_groups "
-            f"({num_query_groups})"
-        )
-    if len(bases) != num_query_groups:
-        raise ValueError(
-            f"HARPE needs one base per K/V group: got {len(bases)} bases for {num_query_groups} "
-            f"K/V groups (num_query_groups; = attention heads for MHA). Give exactly "
-            f"{num_query_groups} bases, e.g. harpe-bases --num-bases {num_query_groups}"
-        )
+        raise ValueError(f"num_attention_heads ({num_attention_heads}) must be a multiple of num_query_groups "
+                         f"({num_query_groups})")
     if num_query_groups % tp_size != 0:
-        raise ValueError(
-            f"num_query_groups ({num_query_groups}) must be divisible by tensor_model_parallel_size "
-            f"({tp_size}) so that each TP rank holds whole K/V groups and their bases"
-        )
-    bad = [b for b in bases if not (b > 1.0 and b < float("inf"))]
-    if bad:
-        raise ValueError(f"RoPE bases must be finite and > 1; got {bad}")
+        raise ValueError(f"num_query_groups ({num_query_groups}) must be divisible by tensor_model_parallel_size "
+                         f"({tp_size}) so that each TP rank holds whole K/V groups and their bases")

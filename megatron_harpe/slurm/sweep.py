@@ -261,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(args.script):
             raise SweepError(f"batch script {args.script} does not exist (--script)")
         points = build_points(args)
-        from megatron_harpe.backends import setup_backend
-
-        setup_backend()  # the config checks import megatron-core
         write_configs(points, sweep_dir, args.runs_root, args.name, not args.no_validate, args.tasks_per_node)
     except SweepError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

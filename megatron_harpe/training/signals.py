@@ -15,38 +15,10 @@ from typing import Iterable, List
 import torch
 import torch.distributed as dist
 
+from megatron_harpe.config.validate import parse_signals
+
 EXIT_CODE_REQUEUE = 75  # EX_TEMPFAIL: "temporary failure; try again" — checkpoint written, resume me
 EXIT_CODE_NONFINITE_LOSS = 3
-
-
-def parse_signals(names: Iterable[str]) -> List[signal.Signals]:
-    result = []
-    for name in names:
-        key = name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()
-        if not hasattr(signal.Signals, key):
-            raise ValueError(f"checkpoint.exit_signals: unknown signal {name!r}; use names like SIGTERM, SIGUSR1")
-        result.append(signal.Signals[key])
-    return result
-
-
-def start_checkpoint_writer_shielded(signals: Iterable[signal.Signals]) -> None:
-    """Start megatron-core's checkpoint-writer helper process with the exit signals ignored.
-
-    megatron-core's torch_dist writer spawns a multiprocessing manager process at the first save.
-    Schedulers deliver signals to every process of a job step (Slurm's `scancel --signal`, srun's
-    forwarding, preemption SIGTERM), so that helper would die of the very signal that asks us to
-    checkpoint, and the save would fail (BrokenPipeError). An ignored disposition survives exec,
-    so starting the helper while the signals are ignored makes it immune; the trainer's own
-    handlers are installed afterwards.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-    try:
-        filesystem_async._get_write_results_queue()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class SignalWatcher:

@@ -16,6 +16,7 @@ micro-batches, DP ranks or CP ranks.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,21 +35,20 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from megatron_harpe import compat
 from megatron_harpe.config.loader import dump_config
 from megatron_harpe.config.schema import Config
-from megatron_harpe.models.config import build_transformer_config
+from megatron_harpe.config.stages import Stage, build_schedule, stage_at
+from megatron_harpe.config.validate import parse_signals
+from megatron_harpe.files import atomic_write_text
+from megatron_harpe.models.checkpoint import read_common_state
 from megatron_harpe.models.provider import build_model, replace_position_encoding
+from megatron_harpe.models.transformer_config import build_transformer_config
+from megatron_harpe.models.unwrap import unwrap_model
 from megatron_harpe.training import checkpointing as ckpt
 from megatron_harpe.training.data import MicroBatches, build_train_dataset, iterators_for_chunks
-from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token
-from megatron_harpe.training.signals import (
-    EXIT_CODE_NONFINITE_LOSS,
-    EXIT_CODE_REQUEUE,
-    SignalWatcher,
-    parse_signals,
-    start_checkpoint_writer_shielded,
-)
-from megatron_harpe.training.stages import Stage, build_schedule, stage_at
+from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token, summary_line
+from megatron_harpe.training.signals import EXIT_CODE_NONFINITE_LOSS, EXIT_CODE_REQUEUE, SignalWatcher
 
 
 @dataclass
@@ -92,6 +92,8 @@ class Trainer:
         self.device = _device()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        if self.rank == 0:
+            compat.warn_if_unverified()
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
                                      virtual_pipeline_model_parallel_size=p.virtual_pipeline,
@@ -112,8 +114,7 @@ class Trainer:
             calculate_per_token_loss=True,
             recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
             recompute_num_layers=t.recompute_num_layers,
-            # megatron-core's interleaved schedule with batched p2p corrupts PP=2 + VPP runs (Megatron-LM #750)
-            batch_p2p_comm=p.virtual_pipeline is None,
+            batch_p2p_comm=compat.batch_p2p_comm(p.virtual_pipeline),
         )
         return tcfg
 
@@ -203,103 +204,103 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        cfg = self.cfg
-        latest = ckpt.latest_checkpoint(self.ckpt_dir) if cfg.checkpoint.resume else None
-        iteration, consumed_in_stage = 0, 0
-        if latest is not None:
-            common = _read_common(latest)
-            iteration = int(common["iteration"])
-            saved_stage = stage_at(self.stages, max(iteration - 1, 0))
-            self._build(saved_stage.model)
-            info = ckpt.load_checkpoint(latest, chunks=self.chunks, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, model_cfg=saved_stage.model)
-            current = stage_at(self.stages, iteration)
-            if current.index != saved_stage.index:
-                self._switch_stage(current)
-            resumed = f"resumed from {latest} at iteration {iteration}"
-            if not info["rng_restored"]:
-                resumed += " (parallel layout changed: RNG streams re-seeded, weights/optimizer resharded)"
-        else:
-            self._build(self.stages[0].model)
-            resumed = "fresh start"
-            if cfg.training.init_from:
-                ckpt.load_weights_only(cfg.training.init_from, self.chunks)
-                resumed = f"weights from {cfg.training.init_from}"
-        self.config_yaml = dump_config(cfg)
+        iteration, how = self._resume_or_start()
+        self.config_yaml = dump_config(self.cfg)
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.config_yaml)
-        logger = MetricsLogger(str(self.run_dir), is_logging_rank=self.rank == self.world - 1,
-                               total_iterations=self.total_iterations, tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar, interval=cfg.logging.interval,
-                               peak_tflops_per_device=_peak_tflops(cfg), start_iteration=iteration)
-        logger.log_event(f"{resumed}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
-                         f"world {self.world} = TP {cfg.parallel.tensor} x PP {cfg.parallel.pipeline} x "
-                         f"CP {cfg.parallel.context} x DP {self.dp_size}")
+            atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
+        logger = self._metrics_logger(start_iteration=iteration)
+        p = self.cfg.parallel
+        logger.log_event(f"{how}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
+                         f"world {self.world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {self.dp_size}")
+        compat.start_checkpoint_writer_shielded(parse_signals(self.cfg.checkpoint.exit_signals))
+        with SignalWatcher(self.cfg.checkpoint.exit_signals) as watcher:
+            result = self._train(iteration, logger, watcher)
+        logger.log_event(f"{result.reason} | {summary_line(logger.summary())} | checkpoints: {self.ckpt_dir} | "
+                         f"TensorBoard: {self.run_dir / 'tensorboard'} | metrics: {self.run_dir / 'metrics.jsonl'}")
+        logger.close()
+        return result
+
+    def _resume_or_start(self) -> tuple[int, str]:
+        """Build the model for where the run stands: (first iteration to run, how we got there)."""
+        latest = ckpt.latest_checkpoint(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        if latest is None:
+            self._build(self.stages[0].model_cfg)
+            if self.cfg.training.init_from:
+                ckpt.load_weights_only(self.cfg.training.init_from, self.chunks)
+                return 0, f"weights from {self.cfg.training.init_from}"
+            return 0, "fresh start"
+        iteration = int(read_common_state(latest)["iteration"])
+        saved_stage = stage_at(self.stages, max(iteration - 1, 0))
+        self._build(saved_stage.model_cfg)
+        info = ckpt.load_checkpoint(latest, chunks=self.chunks, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    model_cfg=saved_stage.model_cfg)
+        current = stage_at(self.stages, iteration)
+        if current.index != saved_stage.index:
+            self._switch_stage(current)
+        how = f"resumed from {latest} at iteration {iteration}"
+        if not info["rng_restored"]:
+            how += " (parallel layout changed: RNG streams re-seeded, weights/optimizer resharded)"
+        return iteration, how
+
+    def _metrics_logger(self, start_iteration: int) -> MetricsLogger:
+        log = self.cfg.logging
+        return MetricsLogger(str(self.run_dir), is_logging_rank=self.rank == self.world - 1,
+                             total_iterations=self.total_iterations, tensorboard=log.tensorboard,
+                             progress_bar=log.progress_bar, interval=log.interval,
+                             peak_tflops_per_device=_peak_tflops(self.cfg), start_iteration=start_iteration)
+
+    def _train(self, iteration: int, logger: MetricsLogger, watcher: SignalWatcher) -> RunResult:
+        """Iterations until the end, a non-finite loss or a signal; checkpoints as configured."""
+        cfg = self.cfg
         result = RunResult(exit_code=0, iteration=iteration)
         stage = stage_at(self.stages, iteration)
         data = self._data_for(stage)
-        start_checkpoint_writer_shielded(parse_signals(cfg.checkpoint.exit_signals))
-        with SignalWatcher(cfg.checkpoint.exit_signals) as watcher:
-            while iteration < self.total_iterations:
-                if iteration >= stage.end_iteration:  # stage boundary
-                    self._save(iteration, stage)
-                    stage = stage_at(self.stages, iteration)
-                    self._switch_stage(stage)
-                    data = self._data_for(stage)
-                    logger.log_event(f"stage {stage.index} ({stage.name}) begins at iteration {iteration}: "
-                                     f"seq_length {stage.seq_length}, {_position_summary(stage)}")
-                started = time.perf_counter()
-                batches = data.iteration(iteration - stage.start_iteration)
-                loss, grad_norm = self.train_step(stage, batches)
-                iteration += 1
-                result.losses[iteration] = loss
-                tokens = cfg.data.global_batch_size * stage.seq_length
-                flops = tokens * _flops_per_token(stage)
-                logger.log_iteration(iteration, loss=loss, lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
-                                     grad_norm=grad_norm, tokens=tokens, elapsed_s=time.perf_counter() - started,
-                                     flops=flops, world_size=self.world, extra={"stage": stage.index})
-                if cfg.training.stop_on_nonfinite_loss and not torch.isfinite(torch.tensor(loss)):
-                    result.exit_code, result.reason = EXIT_CODE_NONFINITE_LOSS, (
-                        f"loss is {loss} at iteration {iteration}: stopping; the last good checkpoint "
-                        f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept. Lower the learning rate or "
-                        f"check the data, then resume.")
-                    break
-                if watcher.should_stop(self.device):
-                    self._save(iteration, stage)
-                    result.exit_code, result.reason = EXIT_CODE_REQUEUE, (
-                        f"signal {','.join(watcher.received) or 'on another rank'}: checkpoint saved at iteration "
-                        f"{iteration}; exit code {EXIT_CODE_REQUEUE} asks the scheduler to requeue")
-                    break
-                if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
-                    self._save(iteration, stage)
-            else:
+        while iteration < self.total_iterations:
+            if iteration >= stage.end_iteration:  # stage boundary
                 self._save(iteration, stage)
-                result.reason = f"finished {iteration} iterations"
-        result.iteration = iteration
-        summary = logger.summary()
-        logger.log_event(f"{result.reason} | {_summary_line(summary)} | checkpoints: {self.ckpt_dir} | "
-                         f"TensorBoard: {self.run_dir / 'tensorboard'} | metrics: {self.run_dir / 'metrics.jsonl'}")
-        logger.close()
+                stage = stage_at(self.stages, iteration)
+                self._switch_stage(stage)
+                data = self._data_for(stage)
+                logger.log_event(f"stage {stage.index} ({stage.name}) begins at iteration {iteration}: "
+                                 f"seq_length {stage.seq_length}, {stage.model_cfg.position.describe()}")
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step(stage, data.iteration(iteration - stage.start_iteration))
+            iteration += 1
+            result.iteration, result.losses[iteration] = iteration, loss
+            tokens = cfg.data.global_batch_size * stage.seq_length
+            logger.log_iteration(iteration, loss=loss, lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                                 grad_norm=grad_norm, tokens=tokens, elapsed_s=time.perf_counter() - started,
+                                 flops=tokens * _flops_per_token(stage), world_size=self.world,
+                                 extra={"stage": stage.index})
+            if cfg.training.stop_on_nonfinite_loss and not math.isfinite(loss):
+                result.exit_code, result.reason = EXIT_CODE_NONFINITE_LOSS, (
+                    f"loss is {loss} at iteration {iteration}: stopping; the last good checkpoint "
+                    f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept. Lower the learning rate or "
+                    f"check the data, then resume.")
+                return result
+            if watcher.should_stop(self.device):
+                self._save(iteration, stage)
+                result.exit_code, result.reason = EXIT_CODE_REQUEUE, (
+                    f"signal {','.join(watcher.received) or 'on another rank'}: checkpoint saved at iteration "
+                    f"{iteration}; exit code {EXIT_CODE_REQUEUE} asks the scheduler to requeue")
+                return result
+            if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+                self._save(iteration, stage)
+        self._save(iteration, stage)
+        result.reason = f"finished {iteration} iterations"
         return result
 
     def _save(self, iteration: int, stage: Stage) -> None:
         if ckpt.latest_checkpoint(self.ckpt_dir) == self.ckpt_dir / ckpt.checkpoint_name(iteration):
             return
         ckpt.save_checkpoint(self.ckpt_dir, iteration, chunks=self.chunks, optimizer=self.optimizer,
-                             scheduler=self.scheduler, model_cfg=stage.model,
+                             scheduler=self.scheduler, model_cfg=stage.model_cfg,
                              common={"iteration": iteration, "stage": stage.index},
                              keep_last=self.cfg.checkpoint.keep_last, config_yaml=self.config_yaml)
 
     def _switch_stage(self, stage: Stage) -> None:
         for chunk in self.chunks:
-            replace_position_encoding(_unwrap(chunk), stage.model)
-
-
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+            replace_position_encoding(unwrap_model(chunk), stage.model_cfg)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -311,12 +312,6 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _read_common(path) -> dict:
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(str(path))
-
-
 def _tokenizer_eod(data) -> Optional[int]:
     if data.tokenizer_model is None:
         return None
@@ -326,7 +321,7 @@ def _tokenizer_eod(data) -> Optional[int]:
 
 
 def _flops_per_token(stage: Stage) -> float:
-    m = stage.model
+    m = stage.model_cfg
     return model_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.groups,
                                  m.vocab_size, stage.seq_length)
 
@@ -335,25 +330,6 @@ def _peak_tflops(cfg: Config) -> Optional[float]:
     if cfg.logging.peak_tflops_per_device is not None:
         return cfg.logging.peak_tflops_per_device
     return 989.0 if torch.cuda.is_available() else None  # H100 SXM dense bf16
-
-
-def _position_summary(stage: Stage) -> str:
-    pos = stage.model.position
-    if pos.kind == "harpe":
-        bases = pos.bases or []
-        return f"HARPE {len(bases)} bases {min(bases):.3g}..{max(bases):.3g}" if bases else "HARPE"
-    return f"{pos.kind} base {pos.base:.3g}"
-
-
-def _summary_line(summary: dict) -> str:
-    parts = []
-    if summary.get("first_loss") is not None:
-        parts.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
-    if summary.get("mean_tokens_per_s"):
-        parts.append(f"{summary['mean_tokens_per_s']:,.0f} tok/s")
-    if summary.get("peak_memory_bytes"):
-        parts.append(f"peak mem {summary['peak_memory_bytes'] / 2**30:.2f} GiB")
-    return ", ".join(parts)
 
 
 def run(cfg: Config) -> RunResult:

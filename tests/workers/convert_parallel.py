@@ -29,7 +29,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_harpe.convert.megatron_io import CONVERSION_KEY, MODEL_KEY, open_checkpoint  # noqa: E402
 from megatron_harpe.models.checkpoint import read_common_state, save_model  # noqa: E402
-from megatron_harpe.models.config import build_transformer_config  # noqa: E402
+from megatron_harpe.models.transformer_config import build_transformer_config  # noqa: E402
 from megatron_harpe.models.provider import build_model  # noqa: E402
 from megatron_harpe.training.checkpointing import load_weights_only  # noqa: E402
 

@@ -33,9 +33,10 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads 
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_harpe.models.config import ModelConfig, PositionEmbeddingConfig, build_transformer_config  # noqa: E402
+from megatron_harpe.config.model import ModelConfig, PositionEmbeddingConfig  # noqa: E402
+from megatron_harpe.models.transformer_config import build_transformer_config  # noqa: E402
 from megatron_harpe.models.provider import build_model  # noqa: E402
-from megatron_harpe.models.sharding import load_full_state_dict, local_parameters, shard_full_tensors  # noqa: E402
+from tests.sharding import load_full_state_dict, local_parameters, shard_full_tensors  # noqa: E402
 from megatron_harpe.rope.harpe_rotary import context_parallel_positions, inverse_frequencies  # noqa: E402
 
 SEQ, BATCH, VOCAB = 32, 2, 128

@@ -1,8 +1,8 @@
-"""Map a full (TP=1, PP=1) megatron-core state dict onto one rank's shard, and back.
+"""Test helper: map a full (TP=1, PP=1) megatron-core state dict onto one rank's shard, and back.
 
-Why our own mapping instead of only dist_checkpointing: parallel-equivalence tests and the
-Hugging Face converter need to place the SAME weights into any TP/PP layout, tensor by tensor,
-and know exactly which slice a rank holds. Two layout facts of megatron-core matter:
+Why our own mapping instead of only dist_checkpointing: the parallel-equivalence tests need to
+place the SAME weights into any TP/PP layout, tensor by tensor, and know exactly which slice a
+rank holds, independently of the checkpoint code they also check. Two layout facts of megatron-core matter:
 - Tensor-parallel parameters carry `tensor_model_parallel=True` and `partition_dim`; a rank
   holds the r-th contiguous chunk along that dim. The fused QKV weight is laid out group by
   group ([q heads of group g, k_g, v_g] for each g), so a contiguous chunk is whole groups.

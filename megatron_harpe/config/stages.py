@@ -8,12 +8,12 @@ data iterator.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import List, Optional
 
+from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.schema import Config
-from megatron_harpe.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Stage:
     start_iteration: int  # first iteration of the stage (0-based count of completed iterations)
     end_iteration: int  # exclusive
     seq_length: int
-    model: ModelConfig  # the model config with this stage's position settings
+    model_cfg: ModelConfig  # the run's model with this stage's position settings
 
     @property
     def iterations(self) -> int:
@@ -47,20 +47,28 @@ def _iterations_for(tokens: Optional[int], iterations: Optional[int], global_bat
     raise ValueError(f"{where} needs iterations or tokens")
 
 
-def stage_model(model: ModelConfig, base: Optional[float], bases: Optional[List[float]], where: str) -> ModelConfig:
-    """The model config of a stage: the run's model with the stage's base or base set."""
-    model = copy.deepcopy(model)
+def stage_model(model_cfg: ModelConfig, base: Optional[float], bases: Optional[List[float]],
+                where: str) -> ModelConfig:
+    """The model config of a stage: the run's model with the stage's base or base set.
+
+    Built with dataclasses.replace, so the stage's model is checked (and its base set resolved)
+    like any other ModelConfig; the run's own config is left as it was.
+    """
+    position = model_cfg.position
     if bases is not None:
-        if model.position.kind != "harpe":
+        if position.kind != "harpe":
             raise ValueError(f"{where}.bases is a HARPE base set but model.position.kind is "
-                             f"{model.position.kind!r}; use {where}.base for rope/pi/yarn")
-        model.position.bases = [float(b) for b in bases]
-        model.position.base_strategy = None
+                             f"{position.kind!r}; use {where}.base for rope/pi/yarn")
+        position = dataclasses.replace(position, bases=[float(b) for b in bases], base_strategy=None,
+                                       base_min=None, base_max=None, base_stride=None, bases_file=None)
     if base is not None:
-        if model.position.kind == "harpe":
+        if position.kind == "harpe":
             raise ValueError(f"{where}.base sets one base, but the model is HARPE; give {where}.bases")
-        model.position.base = float(base)
-    return model
+        position = dataclasses.replace(position, base=float(base))
+    try:
+        return dataclasses.replace(model_cfg, position=position)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def build_schedule(cfg: Config) -> List[Stage]:
@@ -70,14 +78,14 @@ def build_schedule(cfg: Config) -> List[Stage]:
         seq = cfg.data.seq_length
         total = _iterations_for(cfg.training.tokens, cfg.training.iterations if cfg.training.tokens is None else None,
                                 global_batch, seq, "training")
-        return [Stage(0, "main", 0, total, seq, copy.deepcopy(cfg.model))]
+        return [Stage(0, "main", 0, total, seq, cfg.model)]
     stages, start = [], 0
     for i, spec in enumerate(cfg.stages):
         where = f"stages[{i}]"
         seq = spec.seq_length or cfg.data.seq_length
         count = _iterations_for(spec.tokens, spec.iterations, global_batch, seq, where)
-        model = stage_model(cfg.model, spec.base, spec.bases, where)
-        stages.append(Stage(i, spec.name or f"stage{i}", start, start + count, seq, model))
+        model_cfg = stage_model(cfg.model, spec.base, spec.bases, where)
+        stages.append(Stage(i, spec.name or f"stage{i}", start, start + count, seq, model_cfg))
         start += count
     return stages
 
