@@ -2,7 +2,8 @@
 
 Tiny models are made here with transformers (nothing is downloaded): GQA (4 query heads, 2 K/V
 heads), 4 layers, vocabulary 1000 (padded to 1024 on import) with a real sentencepiece
-tokenizer. One 4-rank launch (tests/workers/convert_parallel.py) loads the converted checkpoints
+tokenizer; the HARPE export case uses 8 query heads in 4 K/V groups, so that a TP=2 rank holds
+two groups (two bases) and each group two query heads. One 4-rank launch (tests/workers/convert_parallel.py) loads the converted checkpoints
 into TP=2xPP=2 and TP=2 with the trainer's init_from loader; one harpe-train launch continues
 training from a converted checkpoint; the rest runs in this process (a one-process world).
 """
@@ -35,7 +36,7 @@ from tests.data_fixtures import *  # noqa: E402,F401,F403
 from tests.launch import run_workers  # noqa: E402
 
 VOCAB = 1000
-HARPE_BASES = [10000.0, 1_000_000.0]
+HARPE_BASES = [10000.0, 100_000.0, 1_000_000.0, 10_000_000.0]  # one per K/V group of hf_gqa
 
 
 def tiny_llama(directory: Path, *, dtype=torch.float32, tie=False, seed=0, shard="60KB", **overrides) -> Path:
@@ -96,15 +97,24 @@ def hf_llama(work, spm_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(work, hf_llama) -> dict:
+def hf_gqa(work, spm_model) -> Path:
+    """8 query heads in 4 K/V groups: at TP=2 a rank holds two groups, each with two query heads."""
+    directory = tiny_llama(work / "hf_gqa", num_attention_heads=8, num_key_value_heads=4, seed=1)
+    write_hf_tokenizer(spm_model, directory, model_max_length=128)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def converted(work, hf_llama, hf_gqa) -> dict:
     """hf-to-megatron twice (plain, and the HARPE continual-pretraining start), then the 4-rank worker."""
     llama = work / "mg_llama"
     harpe = work / "mg_harpe"
     convert_hf_to_megatron(hf_llama, llama, tp=2, pp=2, make_vocab_size_divisible_by=128, show_progress=False)
-    convert_hf_to_megatron(hf_llama, harpe, tp=2, make_vocab_size_divisible_by=128, show_progress=False,
+    convert_hf_to_megatron(hf_gqa, harpe, tp=2, make_vocab_size_divisible_by=128, show_progress=False,
                            position=PositionEmbeddingConfig(kind="harpe", bases=HARPE_BASES))
     tokens = ids()
-    torch.save({"tokens": tokens, "logits": hf_logits(hf_llama, tokens)}, work / "ref.pt")
+    torch.save({"tokens": tokens, "logits": hf_logits(hf_llama, tokens), "gqa_logits": hf_logits(hf_gqa, tokens)},
+               work / "ref.pt")
     out = work / "workers"
     results = run_workers("tests/workers/convert_parallel.py", 4, out, "--llama", str(llama), "--harpe", str(harpe),
                           "--ref", str(work / "ref.pt"))
@@ -219,11 +229,14 @@ def test_round_trip_through_tp2_pp2_is_bit_identical(converted, hf_llama, work):
 
 
 def test_harpe_export_matches_megatron_tp2(converted, work):
-    """A HARPE model saved at TP=2, exported: AutoModelForCausalLM(trust_remote_code) gives the megatron
-    model's logits and its greedy continuation."""
+    """A HARPE model (4 K/V groups, 2 query heads each) run and saved at TP=2, exported:
+    AutoModelForCausalLM(trust_remote_code) gives the megatron model's logits and its greedy
+    continuation. Each TP rank holds two groups, so a wrong group -> base or query-head -> group
+    mapping on either side changes the logits."""
     out = work / "hf_harpe"
     convert_megatron_to_hf(converted["out"] / "harpe_tp2", out, show_progress=False, tokenizer=None)
-    assert sorted(r["harpe_local_bases"][0] for r in converted["results"]) == [1e4, 1e4, 1e6, 1e6]
+    held = sorted(tuple(r["harpe_local_bases"]) for r in converted["results"])
+    assert held == [(1e4, 1e5), (1e4, 1e5), (1e6, 1e7), (1e6, 1e7)]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "harpe_llama" and config["harpe_bases"] == HARPE_BASES
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_harpe_llama.HarpeLlamaForCausalLM"
@@ -388,10 +401,11 @@ def test_cli(hf_llama, work, capsys):
 # ----------------------------------------------------------------------------- the trainer in between
 @pytest.fixture(scope="module")
 def trained_run(converted, work):
-    """harpe-train (TP=2) started from the HARPE conversion with init_from, 2 iterations."""
+    """harpe-train (TP=2, HARPE) started with init_from from the one-base Llama conversion, 2 iterations:
+    the continual-pretraining start (weights of a RoPE model, trained on with per-group bases)."""
     run = work / "run"
     results = run_workers("tests/workers/train_worker.py", 2, work / "train_out", "--", "--config",
-                          "examples/tiny/harpe.yaml", f"run_dir={run}", f"training.init_from={converted['harpe']}",
+                          "examples/tiny/harpe.yaml", f"run_dir={run}", f"training.init_from={converted['llama']}",
                           "parallel.tensor=2", "model.num_layers=4", "model.vocab_size=1024", "training.iterations=2")
     assert results[0]["exit_code"] == 0, results[0]["reason"]
     return run

@@ -113,10 +113,11 @@ def test_scores_depend_only_on_relative_position_per_head():
 
 
 def test_inference_offset_matches_shifted_positions():
+    """Decoding asks for the same length at growing offsets: the cached table must follow the offset."""
     module = make_module(BASES4)
-    full = module(48)
-    module._cache_key = None
-    assert torch.equal(module(16, offset=32), full[32:])
+    full = module(48).clone()
+    for offset in (32, 0, 8, 32):  # cache hits and misses in between, never cleared by hand
+        assert torch.equal(module(16, offset=offset), full[offset:offset + 16]), offset
 
 
 def test_context_parallel_positions_follow_megatron_chunking():
@@ -149,10 +150,37 @@ def test_packed_thd_positions_restart_per_document(single_rank_group):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
-def test_never_builds_all_heads_when_sliced():
-    # Only the local groups' frequencies exist on a rank (checked for TP in the multi-process tests).
-    module = make_module(BASES4)
-    assert module.inv_freq.shape == (4, 8)
+def _tensor_parallel_groups(size: int):
+    """`size` real gloo process groups, one per TP rank, made in one process (each rank's group is
+    created in its own thread: the constructor waits until every rank has joined)."""
+    import threading
+    from datetime import timedelta
+
+    store = dist.HashStore()
+    groups = [None] * size
+
+    def join(rank):
+        groups[rank] = dist.ProcessGroupGloo(store, rank, size, timedelta(seconds=30))
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return groups
+
+
+def test_tensor_parallel_ranks_hold_only_their_groups():
+    """GQA, 8 query heads in 4 K/V groups, TP=2: rank r computes only groups 2r, 2r+1 (two bases,
+    four query heads), and the ranks' angles side by side are the whole model's."""
+    full_q, full_k = make_module(BASES4, heads=8)(24)
+    for rank, group in enumerate(_tensor_parallel_groups(2)):
+        module = make_module(BASES4, heads=8, tp_group=group)
+        assert module.local_bases == tuple(BASES4[2 * rank:2 * rank + 2])
+        assert module.inv_freq.shape == (2, 8)  # never a row for another rank's group
+        q, k = module(24)
+        assert q.shape == (24, 1, 4, 16) and k.shape == (24, 1, 2, 16)
+        assert torch.equal(q, full_q[:, :, 4 * rank:4 * rank + 4]) and torch.equal(k, full_k[:, :, 2 * rank:2 * rank + 2])
 
 
 @pytest.mark.parametrize(

@@ -77,11 +77,15 @@ def test_equal_bases_are_bit_identical_to_megatron_rope(two_rank_results):
 
 @pytest.mark.parametrize("scenario", ["thd_packed_cp1", "thd_packed_cp2"])
 def test_packed_documents_restart_positions(two_rank_results, scenario):
-    """Three documents packed (THD) give each document the logits of its own forward pass."""
+    """Three documents packed (THD) give each document the logits of its own forward pass, and every
+    token is rotated by its position inside its own document (not merely by a consistent shift,
+    which logits cannot see)."""
     for results in two_rank_results:
         verdict = results[scenario]
         assert verdict["max_diff"] < LOGIT_TOL, verdict
         assert verdict["differs_from_unpacked"] > 1e-2, verdict
+        assert verdict["rotation_vs_document_positions"] < 1e-5, verdict
+        assert verdict["rotation_vs_shifted_positions"] > 1e-2, verdict
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_with_its_bases(two_rank_results):

@@ -17,6 +17,7 @@ Usage (under torchrun): parallel_equivalence.py --out DIR --scenarios a,b,c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from functools import partial
@@ -206,7 +207,7 @@ def packed_documents_equal_separate_forwards(ref, cp: int):
                              max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
     cp_rank = ps.get_context_parallel_rank()
     local = cp_local_positions([(st, n, n) for st, n in zip(starts, lengths)], cp, cp_rank, SEQ // cp)
-    with torch.no_grad():
+    with torch.no_grad(), recording_rotations() as rotations:
         packed_logits = model(packed[local][None, :], None, None, packed_seq_params=params)
         # separate forwards at CP=1 on the same weights
         set_layout()
@@ -216,7 +217,47 @@ def packed_documents_equal_separate_forwards(ref, cp: int):
     diff = (packed_logits.reshape(len(local), -1) - separate[local]).abs().max().item()
     # positions that did NOT restart would be a different model: a one-document pack differs
     unpacked = ref["logits"][0][local]
-    return {"max_diff": diff, "differs_from_unpacked": (packed_logits.reshape(len(local), -1) - unpacked).abs().max().item()}
+    # Logits cannot tell positions shifted by a constant (RoPE scores depend on distances only), so
+    # the rotation applied to the first layer's queries is checked against each token's position
+    # inside its own document, computed here from the document starts.
+    query_in, query_out = rotations[0]
+    doc_start = torch.repeat_interleave(torch.tensor(starts), torch.tensor(lengths))
+    in_document = local - doc_start[local]
+    bases = cfg.position.bases
+    return {"max_diff": diff, "differs_from_unpacked": (packed_logits.reshape(len(local), -1) - unpacked).abs().max().item(),
+            "rotation_vs_document_positions": (query_out - rotate_per_group(query_in, in_document, bases)).abs().max().item(),
+            "rotation_vs_shifted_positions": (query_out - rotate_per_group(query_in, in_document + 3, bases)).abs().max().item()}
+
+
+@contextlib.contextmanager
+def recording_rotations():
+    """Record (input, output) of every packed-sequence RoPE application in megatron-core's attention."""
+    import megatron.core.transformer.attention as attention
+
+    original, calls = attention.apply_rotary_pos_emb, []
+
+    def record(t, freqs, *args, **kwargs):
+        out = original(t, freqs, *args, **kwargs)
+        if kwargs.get("cu_seqlens") is not None:
+            calls.append((t.detach().clone(), out.detach().clone()))
+        return out
+
+    attention.apply_rotary_pos_emb = record
+    try:
+        yield calls
+    finally:
+        attention.apply_rotary_pos_emb = original
+
+
+def rotate_per_group(t, positions, bases):
+    """Independent rotate-half RoPE of t [tokens, heads, dim]: head h uses the base of its K/V group."""
+    tokens, heads, dim = t.shape
+    half = dim // 2
+    per_group = heads // len(bases)
+    theta = torch.tensor([[b ** (-2.0 * j / dim) for j in range(half)] for b in bases], dtype=torch.float64)
+    angle = positions.double()[:, None, None] * theta.repeat_interleave(per_group, dim=0)[None]  # [t, h, half]
+    x1, x2 = t.double()[..., :half], t.double()[..., half:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], dim=-1)
 
 
 def checkpoint_tp2_to_tp1(ref, out_dir: str):
