@@ -269,3 +269,28 @@ def test_upsample_bad_input(tmp_path, capsys, spm_model):
     assert "without --input" in capsys.readouterr().err
     assert upsample.main(base) == 2
     assert "give the inputs" in capsys.readouterr().err
+
+
+def test_sigterm_handling_is_scoped_to_the_tool_and_its_own_process():
+    """SIGTERM raises KeyboardInterrupt only while a tool runs, and only in the process that runs it:
+    a worker forked from it (multiprocessing "fork") that is terminated before its initializer ran
+    must exit, not raise into its copy of the caller's stack and go on running the caller's code
+    (seen as a pool worker that went on running the rest of the test session)."""
+    from megatron_harpe.data.cli_errors import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_interrupt():
+        pid = os.fork()
+        if pid == 0:  # the child: a forked worker before its initializer
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except BaseException:
+                os._exit(99)  # raised into the caller's code: the bug
+            os._exit(98)
+        _, status = os.waitpid(pid, 0)
+        with pytest.raises(KeyboardInterrupt):  # the tool's own process: Ctrl-C's cleanup runs
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called the tool in-process

@@ -8,6 +8,8 @@ was left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 from typing import Callable, Sequence, Tuple, Type, TypeVar
@@ -36,14 +38,33 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
         return None
 
 
-def install_sigterm_as_interrupt() -> None:
-    """SIGTERM (Slurm's scancel, a timeout) raises KeyboardInterrupt, so the cleanup of Ctrl-C runs."""
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the tool runs, SIGTERM (Slurm's scancel, a timeout) raises KeyboardInterrupt, so the
+    cleanup of Ctrl-C runs; the previous handling is restored afterwards (tools also run in-process:
+    the demo, tests).
+
+    Only in this process: a worker forked from it (multiprocessing's "fork" start) inherits the
+    handler until its own initializer runs, and a SIGTERM in that window (Pool.terminate) must end
+    the worker, not raise into a copy of the caller's stack, which would go on running the caller's
+    code in a second process.
+    """
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         raise KeyboardInterrupt
+
     try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        pass
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_reporting_errors(prog: str, work: Callable[[], T], *, usage_errors: Tuple[Type[BaseException], ...] = (),

@@ -91,6 +91,7 @@ _STATE: dict = {}
 
 def _worker_init(options: EncodeOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate ends a worker; never the parent's handler
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
     _worker_init_inline(options)
 

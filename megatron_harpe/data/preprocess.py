@@ -21,7 +21,7 @@ from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_in
 from megatron_harpe.data.jsonio import write_json_atomic
 from megatron_harpe.data.pipeline import BadLine, ChunkResult, EncodeOptions, Progress, run_pipeline
 from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
-from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, install_sigterm_as_interrupt,
+from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, sigterm_as_interrupt,
                                             parse_command_line, run_reporting_errors)
 
 PROG = "harpe-preprocess"
@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
               f"not supported: documents are never split, workers replace partitions, and tokenizers are "
               f"given by --tokenizer-model", file=sys.stderr)
         return 2
-    install_sigterm_as_interrupt()
-    code, summary = run_reporting_errors(PROG, lambda: preprocess(args), usage_errors=(UsageError,),
-                                         data_errors=(DataError, TokenizerError))
+    with sigterm_as_interrupt():
+        code, summary = run_reporting_errors(PROG, lambda: preprocess(args), usage_errors=(UsageError,),
+                                             data_errors=(DataError, TokenizerError))
     if code:
         return code
     for ex in summary["bad_line_examples"][:5]:

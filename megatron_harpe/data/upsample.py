@@ -44,7 +44,7 @@ from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_in
 from megatron_harpe.data.pipeline import ChunkResult, Progress, run_pipeline
 from megatron_harpe.data.preprocess import Tally, add_input_args, add_runtime_args, add_tokenizer_args, encode_options
 from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
-from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, install_sigterm_as_interrupt,
+from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, sigterm_as_interrupt,
                                             parse_command_line, run_reporting_errors)
 from megatron_harpe.data.jsonio import write_json_atomic
 
@@ -421,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                               "--tokenizer-model PATH --seq-length N --output-prefix PREFIX [options]")
     if args is None:
         return 2
-    install_sigterm_as_interrupt()
-    code, r = run_reporting_errors(PROG, lambda: upsample(args), usage_errors=(UsageError,),
-                                   data_errors=(DataError, TokenizerError, ValueError))
+    with sigterm_as_interrupt():
+        code, r = run_reporting_errors(PROG, lambda: upsample(args), usage_errors=(UsageError,),
+                                       data_errors=(DataError, TokenizerError, ValueError))
     if code:
         return code
     print(format_report(r), file=sys.stderr)
