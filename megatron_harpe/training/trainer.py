@@ -280,9 +280,10 @@ class Trainer:
                 return result
             if watcher.should_stop(self.device):
                 self._save(iteration, stage)
+                received = ",".join(dict.fromkeys(watcher.received)) or "on another rank"
                 result.exit_code, result.reason = EXIT_CODE_REQUEUE, (
-                    f"signal {','.join(watcher.received) or 'on another rank'}: checkpoint saved at iteration "
-                    f"{iteration}; exit code {EXIT_CODE_REQUEUE} asks the scheduler to requeue")
+                    f"signal {received}: checkpoint saved at iteration {iteration}; exit code {EXIT_CODE_REQUEUE} "
+                    f"asks the scheduler to requeue")
                 return result
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 self._save(iteration, stage)
