@@ -135,3 +135,35 @@ def test_every_megatron_core_workaround_is_verified_on_the_installed_release():
     assert not unverified, (f"megatron-core {compat.installed_version()} is installed; re-check "
                             f"{[w.name for w in unverified]} (megatron_harpe/compat.py) and add the version")
     assert compat.unverified_workarounds("0.99.0") == list(compat.WORKAROUNDS)
+
+
+def _config_fields(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        nested = hint if dataclasses.is_dataclass(hint) else (inner[0] if inner else None)
+        if nested is not None:
+            yield from _config_fields(nested, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.name
+
+
+def test_every_config_key_is_read_somewhere():
+    """A key the code never reads is a setting that silently does nothing: remove it instead
+    (config/loader.py REMOVED_KEYS tells users who still set it)."""
+    import re
+
+    from megatron_harpe.config.schema import Config
+
+    sources = [(p, p.read_text()) for p in PACKAGE.rglob("*.py")]
+    unread = []
+    for dotted, name in _config_fields(Config):
+        use = re.compile(rf"(\.{name}\b|[\"']{name}[\"'])")
+        definition = re.compile(rf"^\s+{name}\s*:", re.M)
+        if not any(use.search(definition.sub("", text)) for _, text in sources):
+            unread.append(dotted)
+    assert not unread, f"config keys nothing reads: {unread}"

@@ -134,6 +134,8 @@ def test_runinfo_follows_harpe_train_overrides(tmp_path, monkeypatch):
     from megatron_harpe.config.schema import Config
 
     assert runinfo.run_info(None, [])["RUN_DIR"] == str(tmp_path / Config().run_dir)  # same default
+    with pytest.raises(runinfo.RunInfoError, match="unknown key\\(s\\): checkpoint.dri"):  # harpe-train's loader
+        runinfo.run_info(str(cfg), ["checkpoint.dri=typo"])
 
 
 def test_runinfo_cli_prints_shell_assignments_and_fails_on_bad_input(tmp_path):

@@ -225,18 +225,12 @@ def check_layout(model_cfg: ModelConfig, *, tensor: int = 1, pipeline: int = 1, 
         if value < 1:
             raise ValueError(f"parallel.{name} must be >= 1, got {value}")
     m = model_cfg
-    if m.num_attention_heads % tensor:
-        raise ValueError(f"num_attention_heads ({m.num_attention_heads}) must be divisible by "
-                         f"tensor_model_parallel_size ({tensor})")
-    if m.groups % tensor:
-        raise ValueError(f"num_query_groups ({m.groups}) must be divisible by tensor_model_parallel_size "
-                         f"({tensor}): each TP rank holds whole K/V groups")
-    if m.ffn_hidden_size % tensor:
-        raise ValueError(f"ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by "
-                         f"tensor_model_parallel_size ({tensor})")
-    if m.vocab_size % tensor:
-        raise ValueError(f"vocab_size ({m.vocab_size}) must be divisible by tensor_model_parallel_size "
-                         f"({tensor}); pad the vocabulary")
+    for name, value, why in (("num_attention_heads", m.num_attention_heads, ""),
+                             ("num_query_groups", m.groups, ": each TP rank holds whole K/V groups"),
+                             ("ffn_hidden_size", m.ffn_hidden_size, ""),
+                             ("vocab_size", m.vocab_size, "; pad the vocabulary")):
+        if value % tensor:
+            raise ValueError(f"{name} ({value}) must be divisible by tensor_model_parallel_size ({tensor}){why}")
     if m.num_layers % pipeline:
         raise ValueError(f"num_layers ({m.num_layers}) must be divisible by pipeline_model_parallel_size "
                          f"({pipeline}): each pipeline stage holds the same number of layers")

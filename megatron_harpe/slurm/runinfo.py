@@ -6,11 +6,11 @@ Prints shell assignments for slurm/train.sbatch (``eval "$(python -m megatron_ha
     CKPT_DIR=/abs/runs/llama2_7b_harpe_128k/checkpoints
     LATEST=iter_0000400            # the checkpoint a resume starts from ('' for a fresh start)
 
-It reads only the YAML and the overrides of ``run_dir`` and ``checkpoint.dir``, with harpe-train's rules
-(values parsed as YAML, later overrides win), and imports neither torch nor megatron-core, so it costs
-~0.1 s in a batch script. Everything else in the config is checked by harpe-train itself on every rank
-(a bad config exits 2, which the batch script never requeues). Relative paths are relative to the
-current directory, as for harpe-train (a batch job starts in the directory it was submitted from).
+It loads the config with harpe-train's own loader (same override rules, same errors for unknown keys),
+which imports neither torch nor megatron-core, so it costs ~0.2 s in a batch script. What needs the
+world size or the data files is checked by harpe-train itself on every rank (a bad config exits 2,
+which the batch script never requeues). Relative paths are relative to the current directory, as for
+harpe-train (a batch job starts in the directory it was submitted from).
 """
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
 
-DEFAULT_RUN_DIR = "runs/default"  # megatron_harpe.config.schema.Config.run_dir (a test keeps them equal)
 LATEST_FILE = "latest"  # megatron_harpe.training.checkpointing.LATEST
 
 
@@ -30,47 +28,16 @@ class RunInfoError(ValueError):
     pass
 
 
-def _override(data: dict, dotted: str, overrides: list[str]):
-    """The value `dotted` ends up with after harpe-train applies `overrides` to `data`."""
-    node = data
-    found, value = True, None
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            found = False
-            break
-        node = node[part]
-    if found:
-        value = node
-    for item in overrides:
-        if "=" not in item:
-            raise RunInfoError(f"override {item!r} is not of the form dotted.key=value")
-        key, raw = item.split("=", 1)
-        if key.strip() == dotted:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        elif dotted.startswith(key.strip() + "."):  # a whole section replaced: checkpoint={dir: x}
-            sub = yaml.safe_load(raw) if raw.strip() else None
-            for part in dotted[len(key.strip()) + 1:].split("."):
-                sub = sub.get(part) if isinstance(sub, dict) else None
-            value = sub
-    return value
-
-
 def run_info(config: str | None, overrides: list[str]) -> dict:
-    data: dict = {}
-    if config:
-        path = Path(config)
-        if not path.is_file():
-            raise RunInfoError(f"config file {config} does not exist (relative paths are relative to "
-                               f"{os.getcwd()}); see examples/ for configs")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RunInfoError(f"config file {config} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RunInfoError(f"config file {config} must hold a mapping at the top level")
-    run_dir = _override(data, "run_dir", overrides) or DEFAULT_RUN_DIR
-    ckpt_dir = _override(data, "checkpoint.dir", overrides) or os.path.join(str(run_dir), "checkpoints")
-    run_dir, ckpt_dir = os.path.abspath(str(run_dir)), os.path.abspath(str(ckpt_dir))
+    """RUN_DIR, CKPT_DIR and LATEST of the run harpe-train would start with this config."""
+    from megatron_harpe.config.loader import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        raise RunInfoError(f"{err} (relative paths are relative to {os.getcwd()})") from None
+    run_dir = os.path.abspath(cfg.run_dir)
+    ckpt_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
     latest = ""
     try:
         latest = Path(ckpt_dir, LATEST_FILE).read_text().strip()

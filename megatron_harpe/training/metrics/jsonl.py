@@ -22,6 +22,7 @@ import math
 import os
 from typing import Any
 
+from megatron_harpe.files import atomic_write_text
 from megatron_harpe.training.metrics.values import is_number
 
 __all__ = ["METRICS_FILENAME", "MetricsJsonl", "trim_for_resume"]
@@ -51,12 +52,7 @@ def trim_for_resume(path: str, start_iteration: int) -> int:
                 continue
             kept.append(stripped + "\n")
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(kept)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
     return dropped
 
 
