@@ -69,7 +69,9 @@ def test_gqa_query_heads_use_their_groups_base():
     torch.manual_seed(0)
     bases = [10000.0, 1_000_000.0]
     module = make_module(bases, heads=4)  # 4 query heads, 2 K/V groups
-    q_emb, k_emb = module(32)
+    group_angles = module(32)
+    assert group_angles.shape == (32, 1, 2, 16)  # one tensor (it crosses activation checkpointing)
+    q_emb, k_emb = module.query_and_key_angles(group_angles)
     assert q_emb.shape == (32, 1, 4, 16) and k_emb.shape == (32, 1, 2, 16)
     for head in range(4):
         assert torch.equal(q_emb[:, :, head], k_emb[:, :, head // 2])
@@ -173,12 +175,13 @@ def _tensor_parallel_groups(size: int):
 def test_tensor_parallel_ranks_hold_only_their_groups():
     """GQA, 8 query heads in 4 K/V groups, TP=2: rank r computes only groups 2r, 2r+1 (two bases,
     four query heads), and the ranks' angles side by side are the whole model's."""
-    full_q, full_k = make_module(BASES4, heads=8)(24)
+    full = make_module(BASES4, heads=8)
+    full_q, full_k = full.query_and_key_angles(full(24))
     for rank, group in enumerate(_tensor_parallel_groups(2)):
         module = make_module(BASES4, heads=8, tp_group=group)
         assert module.local_bases == tuple(BASES4[2 * rank:2 * rank + 2])
         assert module.inv_freq.shape == (2, 8)  # never a row for another rank's group
-        q, k = module(24)
+        q, k = module.query_and_key_angles(module(24))
         assert q.shape == (24, 1, 4, 16) and k.shape == (24, 1, 2, 16)
         assert torch.equal(q, full_q[:, :, 4 * rank:4 * rank + 4]) and torch.equal(k, full_k[:, :, 2 * rank:2 * rank + 2])
 

@@ -12,8 +12,8 @@ from tests.launch import run_workers
 
 WORKER = "tests/workers/parallel_equivalence.py"
 TWO_RANKS = ["tp2", "tp2_sp", "pp2", "cp2", "dp2", "tp2_wrong_bases", "cp2_wrong_positions", "equal_bases_vs_rope",
-             "thd_packed_cp1", "thd_packed_cp2", "checkpoint_tp2_to_tp1", "position_kinds"]
-FOUR_RANKS = ["tp2_pp2", "tp2_cp2", "cp2_dp2"]
+             "thd_packed_cp1", "thd_packed_cp2", "thd_packed_cp2_fused", "checkpoint_tp2_to_tp1", "position_kinds"]
+FOUR_RANKS = ["tp2_pp2", "tp2_cp2", "cp2_dp2", "tp2_cp2_fused"]
 
 LOSS_TOL, LOGIT_TOL, GRAD_TOL = 5e-6, 5e-6, 5e-7
 
@@ -29,7 +29,7 @@ def four_rank_results(tmp_path_factory):
 
 
 LAYOUTS = {"tp2": (2, 1), "tp2_sp": (2, 1), "pp2": (1, 1), "cp2": (1, 2), "dp2": (1, 1),
-           "tp2_pp2": (2, 1), "tp2_cp2": (2, 2), "cp2_dp2": (1, 2)}
+           "tp2_pp2": (2, 1), "tp2_cp2": (2, 2), "cp2_dp2": (1, 2), "tp2_cp2_fused": (2, 2)}
 
 
 def assert_matches_reference(per_rank, scenario):
@@ -38,8 +38,11 @@ def assert_matches_reference(per_rank, scenario):
         verdict = results[scenario]
         # the rotary module holds only this rank's K/V groups and positions (2 groups, 4 heads, 32 tokens)
         assert verdict["local_groups"] == 2 // tp
-        assert verdict["k_angle_shape"] == [32 // cp, 1, 2 // tp, 16]
-        assert verdict["q_angle_shape"] == [32 // cp, 1, 4 // tp, 16]
+        if "fused_output_shape" in verdict:  # fused kernel: the layers get inverse frequencies, no table
+            assert verdict["fused_output_shape"] == [2 // tp, 8]
+        else:
+            assert verdict["k_angle_shape"] == [32 // cp, 1, 2 // tp, 16]
+            assert verdict["q_angle_shape"] == [32 // cp, 1, 4 // tp, 16]
         assert verdict["num_params_checked"] > 0
         assert verdict["grad_max_diff"] < GRAD_TOL, (rank, verdict["grad_worst_param"], verdict["grad_max_diff"])
         if "loss_max_diff" in verdict:  # last pipeline stage
@@ -75,7 +78,7 @@ def test_equal_bases_are_bit_identical_to_megatron_rope(two_rank_results):
         assert verdict["differs_from_harpe_reference"] > 1e-3
 
 
-@pytest.mark.parametrize("scenario", ["thd_packed_cp1", "thd_packed_cp2"])
+@pytest.mark.parametrize("scenario", ["thd_packed_cp1", "thd_packed_cp2", "thd_packed_cp2_fused"])
 def test_packed_documents_restart_positions(two_rank_results, scenario):
     """Three documents packed (THD) give each document the logits of its own forward pass, and every
     token is rotated by its position inside its own document (not merely by a consistent shift,
@@ -84,6 +87,8 @@ def test_packed_documents_restart_positions(two_rank_results, scenario):
         verdict = results[scenario]
         assert verdict["max_diff"] < LOGIT_TOL, verdict
         assert verdict["differs_from_unpacked"] > 1e-2, verdict
+        if scenario.endswith("_fused"):
+            continue  # the kernel's per-token positions are checked in tests/test_fused_rope.py
         assert verdict["rotation_vs_document_positions"] < 1e-5, verdict
         assert verdict["rotation_vs_shifted_positions"] > 1e-2, verdict
 

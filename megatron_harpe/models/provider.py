@@ -22,11 +22,15 @@ class HarpeGPTModel(GPTModel):
     """GPTModel with one RoPE base per K/V group (`bases`, one per group of the whole model)."""
 
     def __init__(self, config: TransformerConfig, *, bases: Sequence[float], rotary_percent: float = 1.0,
-                 **kwargs):
+                 rope_kernel: str = "unfused", **kwargs):
         if config.flash_decode:
             raise ValueError("flash_decode takes one cos/sin table for all heads; it cannot apply HARPE's "
                              "per-head bases. Set flash_decode=False.")
+        if rope_kernel not in ("fused", "unfused"):
+            raise ValueError(f"rope_kernel must be fused or unfused (transformer_config.rope_kernel resolves auto), "
+                             f"got {rope_kernel!r}")
         super().__init__(config=config, position_embedding_type="rope", rotary_percent=rotary_percent, **kwargs)
+        self.rope_kernel = rope_kernel
         self.set_bases(bases)
 
     def set_bases(self, bases: Sequence[float]) -> None:
@@ -39,18 +43,24 @@ class HarpeGPTModel(GPTModel):
         self.rotary_pos_emb = HarpeRotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=self.rotary_percent, bases=bases,
             num_attention_heads=config.num_attention_heads, num_query_groups=config.num_query_groups,
-            rotary_interleaved=config.rotary_interleaved, tp_group=self.pg_collection.tp,
-            cp_group=self.pg_collection.cp)
+            rotary_interleaved=config.rotary_interleaved, fused=self.rope_kernel == "fused",
+            tp_group=self.pg_collection.tp, cp_group=self.pg_collection.cp)
 
 
 def build_model(model_cfg: ModelConfig, config: TransformerConfig, *, pre_process: bool = True,
                 post_process: bool = True, vp_stage: Optional[int] = None,
-                use_te: Optional[bool] = None, parallel_output: bool = True) -> GPTModel:
-    """One pipeline stage (or virtual stage) of the model on this rank."""
+                use_te: Optional[bool] = None, parallel_output: bool = True,
+                rope_kernel: str = "unfused") -> GPTModel:
+    """One pipeline stage (or virtual stage) of the model on this rank.
+
+    `rope_kernel` ("fused" | "unfused", see models/transformer_config.rope_kernel) picks HARPE's
+    apply path; for one-base kinds the TransformerConfig's apply_rope_fusion decides instead.
+    """
     position = model_cfg.position
     common = dict(
         config=config,
-        transformer_layer_spec=llama_block_spec(config, use_te=use_te, vp_stage=vp_stage),
+        transformer_layer_spec=llama_block_spec(config, use_te=use_te, vp_stage=vp_stage,
+                                                harpe=position.kind == "harpe"),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -61,7 +71,7 @@ def build_model(model_cfg: ModelConfig, config: TransformerConfig, *, pre_proces
         vp_stage=vp_stage,
     )
     if position.kind == "harpe":
-        return HarpeGPTModel(bases=position.bases, **common)
+        return HarpeGPTModel(bases=position.bases, rope_kernel=rope_kernel, **common)
     if position.kind == "yarn":
         return GPTModel(position_embedding_type="yarn", rotary_base=position.base, **common)
     factor = position.interpolation_factor if position.kind == "pi" else None

@@ -10,6 +10,8 @@ Two backends, chosen by what is installed (never required):
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -37,7 +39,7 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def local_llama_layer_spec() -> ModuleSpec:
+def local_llama_layer_spec(attention: type = SelfAttention) -> ModuleSpec:
     """One Llama layer from megatron-core's tensor-parallel linears and our attention/norm."""
     from megatron_harpe.parallel.core_attention import SDPACoreAttention
 
@@ -46,7 +48,7 @@ def local_llama_layer_spec() -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=attention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
@@ -71,18 +73,29 @@ def local_llama_layer_spec() -> ModuleSpec:
     )
 
 
-def llama_block_spec(config: TransformerConfig, use_te: Optional[bool] = None,
-                     vp_stage: Optional[int] = None) -> TransformerBlockSubmodules | ModuleSpec:
+def llama_block_spec(config: TransformerConfig, use_te: Optional[bool] = None, vp_stage: Optional[int] = None,
+                     harpe: bool = False) -> TransformerBlockSubmodules | ModuleSpec:
     """The decoder block spec for this rank's pipeline stage.
 
-    The local path returns TransformerBlockSubmodules so that the final norm is our RMSNorm
+    `harpe` puts HarpeSelfAttention (models/attention.py) in the attention slot of either spec. The
+    local path returns TransformerBlockSubmodules so that the final norm is our RMSNorm
     (megatron-core would otherwise pick its torch norm wrapper, which refuses SP).
     """
+    from megatron_harpe.models.attention import HarpeSelfAttention
+
+    attention = HarpeSelfAttention if harpe else SelfAttention
     use_te = transformer_engine_available() if use_te is None else use_te
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return with_attention(get_gpt_layer_with_transformer_engine_spec(), attention)
     num_local_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[local_llama_layer_spec()] * num_local_layers,
+    return TransformerBlockSubmodules(layer_specs=[local_llama_layer_spec(attention)] * num_local_layers,
                                       layer_norm=RMSNorm)
+
+
+def with_attention(layer_spec: ModuleSpec, attention: type) -> ModuleSpec:
+    """A copy of a layer spec whose self-attention module is `attention` (submodules unchanged)."""
+    submodules = copy.copy(layer_spec.submodules)
+    submodules.self_attention = dataclasses.replace(submodules.self_attention, module=attention)
+    return dataclasses.replace(layer_spec, submodules=submodules)

@@ -1,17 +1,22 @@
 """HARPE rotary embedding: one RoPE base per K/V group, as a drop-in for megatron-core's.
 
 Why a module and not a patch: megatron-core's GPTModel asks its `rotary_pos_emb` module for
-rotation angles (`forward(max_seq_len, offset, packed_seq, cp_group)`) and its attention
-applies them with `apply_rotary_pos_emb`, which only multiplies q/k by cos/sin of those angles
-with broadcasting. Standard RoPE returns angles shaped [seq, 1, 1, rot_dim]; returning
-[seq, 1, heads_local, rot_dim] gives every head its own frequencies while every megatron-core
-apply path (bshd, packed thd, CP slicing of thd, inference offsets) keeps working unchanged.
+rotation angles (`forward(max_seq_len, offset, packed_seq, cp_group)`) and hands the result to
+every layer; its attention applies them with `apply_rotary_pos_emb`, which only multiplies q/k
+by cos/sin of those angles with broadcasting. Standard RoPE returns angles [seq, 1, 1, rot_dim];
+this module returns one tensor per step:
+- table mode (default): the local K/V groups' angles [seq, 1, groups_local, rot_dim]; the
+  attention (models/attention.py, HarpeSelfAttention) gives each query head its group's angles
+  (`query_and_key_angles`) and megatron-core's apply paths (bshd, packed thd, CP slicing of thd,
+  inference offsets) do the rest unchanged.
+- fused mode: the local groups' inverse frequencies [groups_local, rot_dim / 2]; the attention's
+  Triton kernel computes every angle itself (rope/fused_kernel.py): no table at all.
+One tensor, not a (q, k) pair, because the same object crosses megatron-core's activation
+checkpointing, which saves its inputs with save_for_backward (tensors only).
 
 What must hold (HARPE.md, "Consequences an implementation must get right"):
 - q and k of one head use the same base. With GQA a query head shares its K/V group, so bases
   are per K/V group: query head i of the local slice uses group i // (q_heads / groups).
-  When q and k head counts differ the module returns a (q_angles, k_angles) tuple, which
-  megatron-core's attention accepts as (q_pos_emb, k_pos_emb).
 - Under tensor parallelism a rank holds a contiguous slice of groups; it uses exactly their bases.
 - Under context parallelism a rank holds chunks r and 2*cp-1-r of the sequence (megatron-core's
   load-balanced layout); only the angles of those positions are computed. For packed (thd)
@@ -25,7 +30,7 @@ so HARPE with all bases equal is bit-identical to megatron-core's RoPE.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -34,7 +39,6 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 
 from megatron_harpe.rope.bases import validate_bases
 
-AnglesType = Union[Tensor, Tuple[Tensor, Tensor]]
 
 
 def _group_size(group: Optional[torch.distributed.ProcessGroup]) -> int:
@@ -75,6 +79,14 @@ def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int) -> Tens
     return torch.cat([first, second])
 
 
+def query_and_key_angles(group_angles: Tensor, query_heads_per_group: int) -> Tuple[Tensor, Tensor]:
+    """(query angles, key angles) from K/V-group angles [s, 1, groups, dim]: query head h uses group
+    h // query_heads_per_group, the order megatron-core's fused QKV projection gives query heads."""
+    if query_heads_per_group == 1:
+        return group_angles, group_angles
+    return group_angles.repeat_interleave(query_heads_per_group, dim=2), group_angles
+
+
 class HarpeRotaryEmbedding(RotaryEmbedding):
     """Rotary embedding with one base per K/V group (HARPE), sliced to this rank's heads.
 
@@ -85,6 +97,7 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         num_attention_heads: query heads of the whole model.
         num_query_groups: K/V groups of the whole model (== num_attention_heads for MHA).
         rotary_interleaved: rotate interleaved pairs (megatron-core semantics).
+        fused: return the inverse frequencies for the fused kernel instead of an angle table.
         tp_group / cp_group: the groups whose slice this rank holds (None = no parallelism).
     """
 
@@ -96,6 +109,7 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         num_attention_heads: int,
         num_query_groups: Optional[int] = None,
         rotary_interleaved: bool = False,
+        fused: bool = False,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         cp_group: Optional[torch.distributed.ProcessGroup] = None,
     ) -> None:
@@ -114,6 +128,7 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
             cp_group=cp_group,
         )
         self.bases = tuple(bases)
+        self.fused = fused
         self.dim = rotary_dim(kv_channels, rotary_percent)
         self.tp_group = tp_group
         tp_size, tp_rank = _group_size(tp_group), _group_rank(tp_group)
@@ -139,11 +154,9 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
             emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
         return emb.unsqueeze(1)
 
-    def _split_query_key(self, k_angles: Tensor) -> AnglesType:
-        if self.query_heads_per_group == 1:
-            return k_angles
-        q_angles = k_angles.repeat_interleave(self.query_heads_per_group, dim=2)
-        return q_angles, k_angles
+    def query_and_key_angles(self, group_angles: Tensor) -> Tuple[Tensor, Tensor]:
+        """(query angles, key angles) from this module's table-mode output."""
+        return query_and_key_angles(group_angles, self.query_heads_per_group)
 
     def _move_to_compute_device(self) -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -161,12 +174,13 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         offset: int = 0,
         packed_seq: bool = False,
         cp_group: Optional[torch.distributed.ProcessGroup] = None,
-    ) -> AnglesType:
-        """Angles for this rank: its heads, and (unless packed) its CP chunks of the sequence.
-
-        Returns one tensor [s_local, 1, heads_local, dim] for MHA, or a (q, k) tuple with GQA.
-        The last result is cached: training asks for the same length every step.
-        """
+    ) -> Tensor:
+        """Table mode: the angles of this rank's K/V groups at its positions (its CP chunks unless
+        packed), [s_local, 1, groups_local, dim]; cached, training asks for the same length every
+        step. Fused mode: this rank's inverse frequencies [groups_local, dim / 2]."""
+        if self.fused:
+            self._move_to_compute_device()
+            return self.inv_freq
         cp_group = cp_group if cp_group is not None else self.cp_group
         cp_size, cp_rank = _group_size(cp_group), _group_rank(cp_group)
         key = (max_seq_len, offset, packed_seq, cp_size, cp_rank)
@@ -177,7 +191,7 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
             positions = torch.arange(max_seq_len) + offset
         else:
             positions = context_parallel_positions(max_seq_len, cp_size, cp_rank) + offset
-        result = self._split_query_key(self._angles_for_positions(positions))
+        result = self._angles_for_positions(positions)
         self._cache_key, self._cache_value = key, result
         return result
 

@@ -80,13 +80,14 @@ def reference(num_layers: int):
 
 
 # --------------------------------------------------------------------------- one layout
-def run_layout(ref, *, tp=1, pp=1, cp=1, sp=False, num_layers=2, microbatches=1, tamper=None):
+def run_layout(ref, *, tp=1, pp=1, cp=1, sp=False, num_layers=2, microbatches=1, tamper=None, kernel="unfused"):
     set_layout(tp, pp, cp)
     cfg = model_config(num_layers)
     tcfg = build_transformer_config(cfg, tensor_parallel=tp, pipeline_parallel=pp, context_parallel=cp,
                                     sequence_parallel=sp)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    model = build_model(cfg, tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    model = build_model(cfg, tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                        rope_kernel=kernel)
     load_full_state_dict(model, ref["state"], tp_rank, tp)
     if tamper is not None:
         tamper(model)
@@ -122,11 +123,13 @@ def run_layout(ref, *, tp=1, pp=1, cp=1, sp=False, num_layers=2, microbatches=1,
     # the schedule has called finalize_model_grads (DP/CP reduce, SP norm-grad all-reduce)
 
     rope = model.rotary_pos_emb
-    angles = rope(SEQ)
-    q_angles, k_angles = angles if isinstance(angles, tuple) else (angles, angles)
-    # only this rank's slice exists: its K/V groups (TP) and its positions (CP)
-    verdict = {"local_groups": rope.inv_freq.shape[0], "k_angle_shape": list(k_angles.shape),
-               "q_angle_shape": list(q_angles.shape)}
+    if rope.fused:  # what the layers get: this rank's groups' inverse frequencies, no table
+        verdict = {"local_groups": rope.inv_freq.shape[0], "fused_output_shape": list(rope(SEQ).shape)}
+    else:
+        q_angles, k_angles = rope.query_and_key_angles(rope(SEQ))
+        # only this rank's slice exists: its K/V groups (TP) and its positions (CP)
+        verdict = {"local_groups": rope.inv_freq.shape[0], "k_angle_shape": list(k_angles.shape),
+                   "q_angle_shape": list(q_angles.shape)}
     if ps.is_pipeline_last_stage():
         ref_losses = ref["losses"][rows][:, positions]
         losses = torch.cat(seen["losses"])
@@ -187,7 +190,7 @@ def equal_bases_match_megatron_rope(ref):
             "differs_from_harpe_reference": (logits[1] - ref["logits"]).abs().max().item()}
 
 
-def packed_documents_equal_separate_forwards(ref, cp: int):
+def packed_documents_equal_separate_forwards(ref, cp: int, kernel: str = "unfused"):
     """Packed (THD) documents through GPTModel: each document's logits equal a forward of that
     document alone, so HARPE positions restart at 0 per document — also under CP, where each
     document is split into 2*cp chunks."""
@@ -198,7 +201,7 @@ def packed_documents_equal_separate_forwards(ref, cp: int):
     starts = [0, 8, 24]
     set_layout(cp=cp)
     cfg = model_config()
-    model = build_model(cfg, build_transformer_config(cfg, context_parallel=cp))
+    model = build_model(cfg, build_transformer_config(cfg, context_parallel=cp), rope_kernel=kernel)
     load_full_state_dict(model, ref["state"], 0, 1)
     tokens, _ = make_batch()
     packed = tokens[0]  # 32 tokens, cut into documents of 8, 16 and 8
@@ -220,6 +223,9 @@ def packed_documents_equal_separate_forwards(ref, cp: int):
     # Logits cannot tell positions shifted by a constant (RoPE scores depend on distances only), so
     # the rotation applied to the first layer's queries is checked against each token's position
     # inside its own document, computed here from the document starts.
+    if kernel == "fused":  # the kernel rotates inside the attention; its positions are checked in test_fused_rope
+        return {"max_diff": diff,
+                "differs_from_unpacked": (packed_logits.reshape(len(local), -1) - unpacked).abs().max().item()}
     query_in, query_out = rotations[0]
     doc_start = torch.repeat_interleave(torch.tensor(starts), torch.tensor(lengths))
     in_document = local - doc_start[local]
@@ -340,6 +346,7 @@ SCENARIOS = {
     "tp2_pp2": dict(tp=2, pp=2, microbatches=2),
     "tp2_cp2": dict(tp=2, cp=2),
     "cp2_dp2": dict(cp=2),
+    "tp2_cp2_fused": dict(tp=2, cp=2, kernel="fused"),  # HARPE's Triton kernel (interpreted on CPU)
 }
 
 
@@ -361,7 +368,9 @@ def main():
         elif name == "checkpoint_tp2_to_tp1":
             results[name] = checkpoint_tp2_to_tp1(ref, args.out)
         elif name.startswith("thd_packed_cp"):
-            results[name] = packed_documents_equal_separate_forwards(ref, cp=int(name[-1]))
+            kernel = "fused" if name.endswith("_fused") else "unfused"
+            results[name] = packed_documents_equal_separate_forwards(ref, cp=int(name.split("_")[2][2]),
+                                                                     kernel=kernel)
         else:
             results[name] = run_layout(ref, **SCENARIOS[name])
     ps.destroy_model_parallel()
