@@ -3,6 +3,12 @@
 torch is deliberately left as a range here: GPU clusters bring their own CUDA build.
 CPU machines (laptops, CI) install the pinned CPU build first from requirements/cpu.txt,
 which is what the README's commands and `.ci/run` do.
+
+Versions: Python 3.10-3.12 (NGC PyTorch containers run 3.12). megatron-core is pinned to the release
+every workaround in megatron_harpe/compat.py was verified on (its wheels exist for 3.10-3.12);
+Transformer Engine to the range that megatron-core release supports (its own `dev` extra says
+>=2.9,<2.12). Triton comes with CUDA builds of torch; the CPU requirements add it for the kernel's
+interpreter tests.
 """
 from setuptools import find_packages, setup
 
@@ -11,7 +17,7 @@ setup(
     version="0.1.0",
     description="HARPE (head-adaptive RoPE) single-stage long-context training on megatron-core",
     packages=find_packages(include=["megatron_harpe", "megatron_harpe.*"]),
-    python_requires=">=3.10,<3.12",
+    python_requires=">=3.10,<3.13",
     install_requires=[
         "torch>=2.6",
         "megatron-core==0.16.1",
@@ -26,7 +32,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]"],
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # mpi4py (binary wheel) + the MPICH wheel (mpiexec in the venv's bin/), so MPI launches work and are
         # tested anywhere; on a cluster with its own MPI, install mpi4py alone (see docs/launch.md).
         "mpi": ["mpi4py", "mpich"],

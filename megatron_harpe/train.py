@@ -40,6 +40,13 @@ def main(argv=None) -> int:
         print(dump_config(cfg))
         return 0
     setup_backend()
+    from megatron_harpe.training.runtime import check_runtime, detect_machine
+
+    try:  # what the machine must offer (GPU, Transformer Engine, Triton), still before any process group
+        check_runtime(cfg, detect_machine())
+    except ConfigError as err:
+        print(f"harpe-train: error: {err}", file=sys.stderr)
+        return 2
     launch = init_distributed(info=launch)
     if launch.rank == 0:
         print(f"harpe-train: {launch.launcher} launch, world size {launch.world_size}\n{dump_config(cfg)}", flush=True)

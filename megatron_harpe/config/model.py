@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 from megatron_harpe.rope.bases import STRATEGIES, make_base_set, validate_bases
 
 POSITION_KINDS = ("rope", "pi", "yarn", "harpe")
+ROPE_KERNELS = ("auto", "fused", "unfused")
 DEFAULT_ROPE_BASE = 10000.0
 
 #: Keys that only one kind of position encoding reads; set with another kind they would be
@@ -61,6 +62,11 @@ class PositionEmbeddingConfig:
       harpe — one base per K/V group: `bases`, or made by `base_strategy` (uniform | uniform-desc |
               peak-valley | paper-llama2-7b | file) from base_min/base_max/base_stride or
               `bases_file`. After loading, `bases` always holds the list (see the module doc).
+
+    kernel: how q and k are rotated. fused — harpe: this project's Triton kernel (angles computed
+    in the kernel, no table; needs CUDA and Triton); rope/pi: Transformer Engine's fused RoPE.
+    unfused — megatron-core's element-wise path over an angle table. auto — fused where it is
+    available (decided when the model is built), else unfused.
     """
 
     kind: str = "rope"
@@ -76,10 +82,16 @@ class PositionEmbeddingConfig:
     base_max: Optional[float] = None
     base_stride: Optional[float] = None
     bases_file: Optional[str] = None
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.kind not in POSITION_KINDS:
             raise ValueError(f"position.kind must be one of {POSITION_KINDS}; got {self.kind!r}")
+        if self.kernel not in ROPE_KERNELS:
+            raise ValueError(f"position.kernel must be one of {ROPE_KERNELS}; got {self.kernel!r}")
+        if self.kind == "yarn" and self.kernel == "fused":
+            raise ValueError("position.kernel=fused is not available for yarn (no fused kernel applies YaRN's "
+                             "attention scaling); use auto or unfused")
         for key, kinds in _KIND_ONLY_KEYS.items():
             if getattr(self, key) is not None and self.kind not in kinds:
                 raise ValueError(f"position.{key} applies to position.kind={'/'.join(kinds)}, not {self.kind!r}; "

@@ -25,6 +25,10 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # How Transformer Engine's attention exchanges K/V across the CP group: p2p (ring, overlapped with
+    # compute; TE's default), all_gather, a2a (Ulysses-style, needs heads divisible by CP), a2a+p2p.
+    # Without TE the SDPA core attention always all-gathers K/V (parallel/core_attention.py).
+    cp_comm_type: str = "p2p"
 
 
 @dataclass
@@ -108,8 +112,34 @@ class TrainingConfig:
     recompute_granularity: Optional[str] = None  # None | selective | full
     recompute_method: Optional[str] = None  # uniform | block (with full)
     recompute_num_layers: Optional[int] = None
+    # with selective recompute: megatron-core's submodules to recompute (default [core_attn]); of
+    # megatron-core's choices, a dense Llama uses core_attn, mlp and layernorm
+    recompute_modules: Optional[List[str]] = None
     init_from: Optional[str] = None  # a converted checkpoint: weights only, fresh optimizer
     stop_on_nonfinite_loss: bool = True
+
+
+@dataclass
+class Fp8Config:
+    """FP8 matmuls through Transformer Engine (Hopper and newer GPUs). Off unless `format` is set.
+
+    What changes: the GEMMs of the linear layers run in FP8 with per-tensor scales (weights,
+    activations; gradients in e5m2 with `hybrid`), master weights and optimizer state stay fp32,
+    norms, softmax, RoPE and the loss stay bf16/fp32. `dot_product_attention` also runs the attention
+    matmuls in FP8 (TE's fused attention). megatron-core's names: fp8, fp8_recipe, fp8_*.
+    """
+
+    format: Optional[str] = None  # None (bf16) | hybrid (e4m3 forward, e5m2 gradients) | e4m3
+    recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (Blackwell)
+    dot_product_attention: bool = False  # attention in FP8 (recipes delayed, tensorwise)
+    multi_head_attention: bool = False  # QKV and output projections hand FP8 to attention (delayed)
+    amax_history_len: int = 1024  # delayed scaling: window of past amax values
+    amax_compute_algo: str = "max"  # max | most_recent
+    margin: int = 0
+    wgrad: bool = True  # false: weight gradients in bf16
+    first_last_layers_bf16: bool = False  # keep the first/last layers below in bf16
+    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_end_in_bf16: int = 1
 
 
 @dataclass
@@ -126,7 +156,7 @@ class LoggingConfig:
     interval: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
-    peak_tflops_per_device: Optional[float] = None  # None = H100 bf16 dense (989) on GPU, unset on CPU
+    peak_tflops_per_device: Optional[float] = None  # None = H100 dense peak (bf16 989, FP8 1979) on GPU, unset on CPU
 
 
 @dataclass
@@ -138,6 +168,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     stages: List[StageConfig] = field(default_factory=list)

@@ -17,6 +17,11 @@ from megatron_harpe.config.schema import Config, parse_blend
 from megatron_harpe.config.stages import build_schedule
 
 DECAY_STYLES = ("constant", "cosine", "linear")
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_ATTENTION_RECIPES = ("delayed", "tensorwise")  # megatron-core 0.16.1 passes fp8_dpa to these only
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # megatron-core's choices that a dense model has
 PRECISIONS = ("auto", "bf16", "fp32")
 DATA_KINDS = ("mock", "indexed")
 
@@ -45,9 +50,12 @@ def validate_config(cfg: Config, world_size: int) -> None:
                           f"launch a multiple of {model_parallel} processes")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+    if p.cp_comm_type not in CP_COMM_TYPES:
+        raise ConfigError(f"parallel.cp_comm_type must be one of {CP_COMM_TYPES}, got {p.cp_comm_type!r}")
     _validate_batches(cfg, data_parallel=world_size // model_parallel)
     _validate_data(cfg)
     _validate_training(cfg)
+    _validate_fp8(cfg)
     parse_signals(cfg.checkpoint.exit_signals)
     try:
         for stage in build_schedule(cfg):
@@ -99,7 +107,53 @@ def _validate_training(cfg: Config) -> None:
         raise ConfigError("training.recompute_granularity must be null, selective or full")
     if t.recompute_granularity == "full" and t.recompute_method not in ("uniform", "block"):
         raise ConfigError("training.recompute_granularity=full needs training.recompute_method uniform or block")
+    if t.recompute_modules is not None:
+        if t.recompute_granularity != "selective":
+            raise ConfigError("training.recompute_modules applies to training.recompute_granularity=selective")
+        unknown = sorted(set(t.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown or not t.recompute_modules:
+            raise ConfigError(f"training.recompute_modules: {unknown or 'empty'}; choose from {RECOMPUTE_MODULES}")
+    if t.recompute_granularity == "full" and (t.recompute_num_layers or 0) < 1:
+        raise ConfigError("training.recompute_granularity=full needs training.recompute_num_layers >= 1 (layers "
+                          "per recomputed chunk with uniform, recomputed layers per stage with block)")
     if t.init_from is not None and not Path(t.init_from).exists():
         raise ConfigError(f"training.init_from: {t.init_from} does not exist")
     if cfg.logging.interval < 1:
         raise ConfigError("logging.interval must be >= 1")
+
+
+def _validate_fp8(cfg: Config) -> None:
+    """FP8 settings that can be judged from the config alone (TE and the GPU are checked at start-up,
+    training/runtime.py)."""
+    f, p, position = cfg.fp8, cfg.parallel, cfg.model.position
+    if f.format is None:
+        if f.dot_product_attention or f.multi_head_attention or f.first_last_layers_bf16:
+            raise ConfigError("fp8.dot_product_attention / multi_head_attention / first_last_layers_bf16 need "
+                              "fp8.format (hybrid or e4m3)")
+        return
+    if f.format not in FP8_FORMATS:
+        raise ConfigError(f"fp8.format must be one of {FP8_FORMATS} (or null for bf16), got {f.format!r}")
+    if f.recipe not in FP8_RECIPES:
+        raise ConfigError(f"fp8.recipe must be one of {FP8_RECIPES}, got {f.recipe!r}")
+    if f.amax_compute_algo not in ("max", "most_recent"):
+        raise ConfigError(f"fp8.amax_compute_algo must be max or most_recent, got {f.amax_compute_algo!r}")
+    if f.amax_history_len < 1 or f.margin < 0:
+        raise ConfigError("fp8.amax_history_len must be >= 1 and fp8.margin >= 0")
+    if cfg.training.precision == "fp32":
+        raise ConfigError("fp8.format needs training.precision bf16 (or auto): FP8 GEMMs take bf16 inputs")
+    if (f.dot_product_attention or f.multi_head_attention) and f.recipe not in FP8_ATTENTION_RECIPES:
+        raise ConfigError(f"fp8.dot_product_attention needs fp8.recipe {' or '.join(FP8_ATTENTION_RECIPES)}: "
+                          f"megatron-core 0.16.1 does not hand the {f.recipe} recipe an FP8 attention setting")
+    if f.multi_head_attention and not f.dot_product_attention:
+        raise ConfigError("fp8.multi_head_attention needs fp8.dot_product_attention=true")
+    if f.multi_head_attention and position.kind == "harpe":
+        raise ConfigError("fp8.multi_head_attention hands attention FP8 q and k straight from the QKV projection, "
+                          "but HARPE rotates q and k (per head) in between; use fp8.dot_product_attention alone")
+    if f.dot_product_attention and p.context > 1 and p.cp_comm_type == "all_gather":
+        raise ConfigError("fp8.dot_product_attention with context parallelism needs parallel.cp_comm_type p2p, a2a "
+                          "or a2a+p2p: Transformer Engine 2.9-2.11 has no FP8 path for all_gather")
+    if f.first_last_layers_bf16:
+        kept = f.num_layers_at_start_in_bf16 + f.num_layers_at_end_in_bf16
+        if min(f.num_layers_at_start_in_bf16, f.num_layers_at_end_in_bf16) < 0 or kept >= cfg.model.num_layers:
+            raise ConfigError(f"fp8.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 ({kept}) must leave "
+                              f"some of the model's {cfg.model.num_layers} layers in FP8")

@@ -7,6 +7,11 @@ The trainer's checkpoints (model + optimizer + RNG + scheduler), the converters'
   tell; loading checks it unless the caller deliberately changes the encoding (init_from).
 - It is written under a staging name and renamed into place when every rank has finished, so an
   interrupted save never looks like a complete checkpoint.
+- It loads across layer specs: Transformer Engine's modules keep FP8 scaling state in `_extra_state`
+  entries that the local spec (CPU, converters) neither writes nor reads. Loading asks megatron-core
+  to return what the model wants and the checkpoint lacks (StrictHandling.RETURN_UNEXPECTED) and
+  accepts exactly those `_extra_state` entries as missing (TE then starts its FP8 scales afresh);
+  any other missing entry is an error naming it.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.position_record import RECORD_KEY, position_record, verify_position_record
@@ -45,9 +51,17 @@ def model_sharded_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
             for i, chunk in enumerate(chunks)}
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
 def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any]) -> None:
+    """Load each chunk's weights; only `_extra_state` entries may be absent (see the module doc)."""
     for i, chunk in enumerate(chunks):
-        unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=True)
+        result = unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"checkpoint weights do not fit the model: missing {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}")
 
 
 def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any], model_cfg: ModelConfig, *,
@@ -105,7 +119,13 @@ def read_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any],
     common = read_common_state(directory)
     if model_cfg is not None:
         check_position_record(common, model_cfg, directory)
-    return dist_checkpointing.load(sharded_state, str(directory)), common
+    loaded, _, absent = dist_checkpointing.load(sharded_state, str(directory),
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in absent if not k.endswith(EXTRA_STATE_SUFFIX))
+    if absent:
+        raise ValueError(f"checkpoint {directory} lacks {len(absent)} entr{'y' if len(absent) == 1 else 'ies'} this "
+                         f"model needs, e.g. {absent[:4]}: it was saved by another architecture or layout")
+    return loaded, common
 
 
 def save_model(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig, directory: str | os.PathLike,

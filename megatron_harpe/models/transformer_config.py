@@ -8,7 +8,7 @@ so a stage switch cannot leave a stale copy in a config object every layer share
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +36,93 @@ class YarnTransformerConfig(TransformerConfig):
     yarn_correction_range_round_to_int: bool = True
 
 
+def rope_kernel(model_cfg: ModelConfig, *, cuda: bool, te: bool, triton: bool, interpreted: bool = False) -> str:
+    """"fused" or "unfused": what `model.position.kernel` means on this machine.
+
+    harpe: fused = this project's Triton kernel (rope/fused_kernel.py), which needs CUDA and Triton
+    (or, asked for explicitly, Triton's interpreter: TRITON_INTERPRET=1, for tests on CPU).
+    rope/pi: fused = Transformer Engine's fused RoPE (one frequency table for all heads), needs TE
+    on CUDA. yarn: always unfused (no fused kernel applies YaRN's attention scaling). auto never
+    picks the interpreter.
+    """
+    position = model_cfg.position
+    if position.kind == "yarn":
+        return "unfused"
+    if position.kind == "harpe" and position.kernel == "fused" and interpreted and triton:
+        return "fused"
+    available = cuda and (triton if position.kind == "harpe" else te)
+    if position.kernel == "fused":
+        if not available:
+            need = "CUDA and Triton" if position.kind == "harpe" else "Transformer Engine on CUDA"
+            raise ValueError(f"model.position.kernel=fused needs {need} here; use auto or unfused")
+        return "fused"
+    return "fused" if position.kernel == "auto" and available else "unfused"
+
+
+def fusion_settings(model_cfg: ModelConfig, *, cuda: bool, te: bool, kernel: str = "unfused") -> Dict[str, bool]:
+    """megatron-core's fusion switches for this model on this machine: the one place they are decided.
+
+    | switch                       | on when              | why                                                   |
+    |------------------------------|----------------------|-------------------------------------------------------|
+    | bias_activation_fusion       | CUDA                 | SwiGLU in one fused kernel (bias-free variant)        |
+    | bias_dropout_fusion          | CUDA                 | dropout + residual add in one fused kernel            |
+    | cross_entropy_loss_fusion    | CUDA                 | megatron-core's native vocab-parallel fused loss      |
+    | gradient_accumulation_fusion | CUDA and TE          | TE's linears add wgrad into main_grad inside the GEMM |
+    |                              |                      | (megatron-core's local linears would need apex)       |
+    | apply_rope_fusion            | rope/pi, kernel fused| TE's fused RoPE takes ONE frequency table for all     |
+    |                              |                      | heads: never for HARPE (per-head angles; TE checks    |
+    |                              |                      | freqs.size(2) == 1), which has its own fused kernel   |
+    | fused_single_qkv_rope        | never                | a one-base RoPE fused into the QKV split; refuses     |
+    |                              |                      | packed sequences; not worth the special case          |
+    | masked_softmax_fusion,       | never                | only megatron-core's local attention and apex's       |
+    | persist_layer_norm           |                      | LayerNorm use them; this project uses neither         |
+    On CPU everything is off: the fused kernels are CUDA (or TorchScript-on-CUDA) kernels.
+    """
+    rope_fused_by_te = kernel == "fused" and model_cfg.position.kind in ("rope", "pi")
+    return dict(
+        bias_activation_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        cross_entropy_loss_fusion=cuda,
+        gradient_accumulation_fusion=cuda and te,
+        apply_rope_fusion=cuda and te and rope_fused_by_te,
+        fused_single_qkv_rope=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def fp8_settings(fp8_cfg) -> Dict[str, Any]:
+    """The config's `fp8:` section under megatron-core's TransformerConfig names ({} when FP8 is off)."""
+    if fp8_cfg.format is None:
+        return {}
+    return dict(fp8=fp8_cfg.format, fp8_recipe=fp8_cfg.recipe, fp8_margin=fp8_cfg.margin,
+                fp8_amax_history_len=fp8_cfg.amax_history_len, fp8_amax_compute_algo=fp8_cfg.amax_compute_algo,
+                fp8_wgrad=fp8_cfg.wgrad, fp8_dot_product_attention=fp8_cfg.dot_product_attention,
+                fp8_multi_head_attention=fp8_cfg.multi_head_attention,
+                first_last_layers_bf16=fp8_cfg.first_last_layers_bf16,
+                num_layers_at_start_in_bf16=fp8_cfg.num_layers_at_start_in_bf16,
+                num_layers_at_end_in_bf16=fp8_cfg.num_layers_at_end_in_bf16)
+
+
 def build_transformer_config(model_cfg: ModelConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                              virtual_pipeline_parallel: Optional[int] = None, context_parallel: int = 1,
                              sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                             use_cpu_initialization: bool = True, **overrides) -> TransformerConfig:
+                             use_cpu_initialization: bool = True, fusions: Optional[Dict[str, bool]] = None,
+                             **overrides) -> TransformerConfig:
     """megatron-core TransformerConfig for a Llama-style model and a parallel layout.
 
-    Fusions that need CUDA extensions (apex, TE) are off; `overrides` passes any other
-    TransformerConfig field (recompute options, dropout, ...).
+    `fusions` comes from fusion_settings (default: all off, what runs anywhere); `overrides` passes
+    any other TransformerConfig field (recompute options, FP8, cp_comm_type, ...).
     """
     check_layout(model_cfg, tensor=tensor_parallel, pipeline=pipeline_parallel,
                  virtual_pipeline=virtual_pipeline_parallel, context=context_parallel)
+    fusions = fusion_settings(model_cfg, cuda=False, te=False) if fusions is None else fusions
+    rope_fusions = [k for k in ("apply_rope_fusion", "fused_single_qkv_rope")
+                    if (fusions.get(k) or overrides.get(k)) and model_cfg.position.kind == "harpe"]
+    if rope_fusions:
+        raise ValueError(f"{', '.join(rope_fusions)}: megatron-core/TE's fused RoPE applies one base to all heads "
+                         f"and would reject (or mis-rotate) HARPE's per-head angles; HARPE's own fused kernel is "
+                         f"model.position.kernel=fused")
     kwargs = dict(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -64,13 +140,7 @@ def build_transformer_config(model_cfg: ModelConfig, *, tensor_parallel: int = 1
         attention_dropout=model_cfg.attention_dropout,
         init_method_std=model_cfg.init_method_std,
         rotary_interleaved=model_cfg.rotary_interleaved,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
+        **fusions,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,

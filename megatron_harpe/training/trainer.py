@@ -15,6 +15,7 @@ micro-batches, DP ranks or CP ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -43,11 +44,13 @@ from megatron_harpe.config.validate import parse_signals
 from megatron_harpe.files import atomic_write_text
 from megatron_harpe.models.checkpoint import read_common_state
 from megatron_harpe.models.provider import build_model, replace_position_encoding
-from megatron_harpe.models.transformer_config import build_transformer_config
+from megatron_harpe.models.transformer_config import (build_transformer_config, fp8_settings, fusion_settings,
+                                                      rope_kernel)
 from megatron_harpe.models.unwrap import unwrap_model
 from megatron_harpe.training import checkpointing as ckpt
 from megatron_harpe.training.data import MicroBatches, build_train_dataset, iterators_for_chunks
 from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token, summary_line
+from megatron_harpe.training.runtime import detect_machine
 from megatron_harpe.training.signals import EXIT_CODE_NONFINITE_LOSS, EXIT_CODE_REQUEUE, SignalWatcher
 
 
@@ -92,6 +95,7 @@ class Trainer:
         self.device = _device()
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        self.machine = detect_machine()
         if self.rank == 0:
             compat.warn_if_unverified()
         p = cfg.parallel
@@ -105,18 +109,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ building
     def _transformer_config(self, model_cfg):
-        p, t = self.cfg.parallel, self.cfg.training
-        tcfg = build_transformer_config(
+        p, t, m = self.cfg.parallel, self.cfg.training, self.machine
+        self.rope_kernel = rope_kernel(model_cfg, cuda=m.cuda, te=m.te, triton=m.triton,
+                                       interpreted=m.triton_interpreted)
+        return build_transformer_config(
             model_cfg, tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
             virtual_pipeline_parallel=p.virtual_pipeline, context_parallel=p.context,
             sequence_parallel=p.sequence_parallel, params_dtype=self.params_dtype,
-            use_cpu_initialization=not torch.cuda.is_available(),
+            use_cpu_initialization=not m.cuda,
+            fusions=fusion_settings(model_cfg, cuda=m.cuda, te=m.te, kernel=self.rope_kernel),
             calculate_per_token_loss=True,
             recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
-            recompute_num_layers=t.recompute_num_layers,
+            recompute_num_layers=t.recompute_num_layers, recompute_modules=t.recompute_modules,
+            cp_comm_type=p.cp_comm_type if p.context > 1 else None,
             batch_p2p_comm=compat.batch_p2p_comm(p.virtual_pipeline),
+            **fp8_settings(self.cfg.fp8),
         )
-        return tcfg
 
     def _build(self, model_cfg) -> None:
         p = self.cfg.parallel
@@ -131,7 +139,7 @@ class Trainer:
             model = build_model(model_cfg, self.tcfg,
                                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                                vp_stage=vp_stage)
+                                vp_stage=vp_stage, rope_kernel=self.rope_kernel)
             if torch.cuda.is_available():
                 model.cuda(torch.cuda.current_device())
             self.chunks.append(DistributedDataParallel(self.tcfg, ddp_config, model, disable_bucketing=vp > 0))
@@ -242,12 +250,16 @@ class Trainer:
             how += " (parallel layout changed: RNG streams re-seeded, weights/optimizer resharded)"
         return iteration, how
 
+    def _peak_tflops(self) -> Optional[float]:
+        configured = self.cfg.logging.peak_tflops_per_device
+        return configured if configured is not None else self.machine.peak_tflops(fp8=self.cfg.fp8.format is not None)
+
     def _metrics_logger(self, start_iteration: int) -> MetricsLogger:
         log = self.cfg.logging
         return MetricsLogger(str(self.run_dir), is_logging_rank=self.rank == self.world - 1,
                              total_iterations=self.total_iterations, tensorboard=log.tensorboard,
                              progress_bar=log.progress_bar, interval=log.interval,
-                             peak_tflops_per_device=_peak_tflops(self.cfg), start_iteration=start_iteration)
+                             peak_tflops_per_device=self._peak_tflops(), start_iteration=start_iteration)
 
     def _train(self, iteration: int, logger: MetricsLogger, watcher: SignalWatcher) -> RunResult:
         """Iterations until the end, a non-finite loss or a signal; checkpoints as configured."""
@@ -291,9 +303,31 @@ class Trainer:
         result.reason = f"finished {iteration} iterations"
         return result
 
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """With the distributed optimizer and overlap_param_gather, the all-gather of the parameters the
+        last step updated is deferred to the next forward (hooks): a rank's copy of the shards it does
+        not own is one step stale until then. Gather them before saving, as megatron-core's own
+        trainer does, and put the hooks back afterwards."""
+        p = self.cfg.parallel
+        if not (p.distributed_optimizer and p.overlap_param_gather):
+            yield
+            return
+        for chunk in self.chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
+
     def _save(self, iteration: int, stage: Stage) -> None:
         if ckpt.latest_checkpoint(self.ckpt_dir) == self.ckpt_dir / ckpt.checkpoint_name(iteration):
             return
+        with self._parameters_gathered():
+            self._write_checkpoint(iteration, stage)
+
+    def _write_checkpoint(self, iteration: int, stage: Stage) -> None:
         ckpt.save_checkpoint(self.ckpt_dir, iteration, chunks=self.chunks, optimizer=self.optimizer,
                              scheduler=self.scheduler, model_cfg=stage.model_cfg,
                              common={"iteration": iteration, "stage": stage.index},
@@ -325,12 +359,6 @@ def _flops_per_token(stage: Stage) -> float:
     m = stage.model_cfg
     return model_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.groups,
                                  m.vocab_size, stage.seq_length)
-
-
-def _peak_tflops(cfg: Config) -> Optional[float]:
-    if cfg.logging.peak_tflops_per_device is not None:
-        return cfg.logging.peak_tflops_per_device
-    return 989.0 if torch.cuda.is_available() else None  # H100 SXM dense bf16
 
 
 def run(cfg: Config) -> RunResult:
