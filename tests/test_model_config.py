@@ -2,6 +2,7 @@
 (before any process group exists) with messages that say what to do, and the position record
 written with every checkpoint round-trips."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from megatron_harpe.config.model import ModelConfig, PositionEmbeddingConfig, ch
 from megatron_harpe.config.position_record import position_from_record, position_record, verify_position_record
 from megatron_harpe.models.transformer_config import YarnTransformerConfig, build_transformer_config
 from megatron_harpe.rope.bases import PAPER_LLAMA2_7B_BASES, uniform_bases
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def harpe_model(**kw):
@@ -128,7 +132,7 @@ def test_paper_search_and_file_strategies_resolve(tmp_path):
 
 
 def test_saved_config_holds_the_list_and_reloads_identically(tmp_path):
-    cfg = load_config("examples/demo_harpe.yaml", ["data.kind=mock"])
+    cfg = load_config(EXAMPLES / "demo_harpe.yaml", ["data.kind=mock"])
     assert cfg.model.position.bases == uniform_bases(1e4, 5e5, 2)
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_config(cfg))
@@ -177,3 +181,15 @@ def test_how_a_base_set_was_made_is_recorded_but_not_compared():
                           position=PositionEmbeddingConfig(kind="harpe", bases=[1e6, 3e6, 5e6]))
     assert position_record(made)["base_set_origin"] == {"base_strategy": "uniform", "base_min": 1e6, "base_max": 5e6}
     verify_position_record(position_record(made), position_record(written))
+
+
+@pytest.mark.parametrize("example", sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*.yaml")))
+def test_every_example_config_loads_and_validates(example):
+    """The shipped configs stay valid as keys change (their data and checkpoints are not here: mock data)."""
+    from megatron_harpe.config.validate import validate_config
+
+    cfg = load_config(EXAMPLES / example, ["data.kind=mock", "data.tokenizer_model=null", "training.init_from=null"])
+    p = cfg.parallel
+    validate_config(cfg, world_size=p.tensor * p.pipeline * p.context * 2)
+    if cfg.model.position.kind == "harpe":
+        assert len(cfg.model.position.bases) == cfg.model.groups
