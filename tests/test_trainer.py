@@ -52,8 +52,8 @@ class Runs:
         return self.done[name]
 
     def tp2_reference(self):
-        """8 iterations at TP=2 on 2 torchrun ranks, no dropout."""
-        return self.get("tp2_reference", 2, "parallel.tensor=2")
+        """8 iterations at TP=2 on 2 torchrun ranks, no dropout, checkpoints at 4 and 8."""
+        return self.get("tp2_reference", 2, "parallel.tensor=2", "checkpoint.save_interval=4")
 
     def seed(self):
         """A 4-layer HARPE model trained 4 iterations: the weights init_from tests start from."""
@@ -92,8 +92,12 @@ def test_resume_after_signal_is_bit_identical(tmp_path, layout, signal_children)
 
 
 def test_resume_with_another_tensor_parallel_size(tmp_path, runs):
+    """The reference run's TP=2 checkpoint at iteration 4, resumed at TP=1 (RNG streams re-seeded, weights
+    and optimizer resharded), continues the same trace."""
     straight = runs.tp2_reference()
-    train(tmp_path, "resharded", 2, "parallel.tensor=2", signal_at=4)
+    shutil.copytree(runs.root / "tp2_reference" / "checkpoints" / "iter_0000004",
+                    tmp_path / "resharded" / "checkpoints" / "iter_0000004")
+    (tmp_path / "resharded" / "checkpoints" / "latest").write_text("iter_0000004\n")
     resumed = train(tmp_path, "resharded", 1)  # TP=2 checkpoint, TP=1 run
     assert resumed["exit_code"] == 0
     for it in (5, 6, 7, 8):
