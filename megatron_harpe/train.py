@@ -1,65 +1,68 @@
 """`harpe-train --config examples/<name>.yaml [dotted.key=value ...]` (also `python -m megatron_harpe.train`).
 
 The same command runs under torchrun, srun and mpirun: the launcher is detected from the
-environment. The config is validated on every rank before any process group is created.
-Exit codes: 0 finished; 75 stopped on a signal after checkpointing (requeue me);
-3 non-finite loss (last good checkpoint kept); 2 bad config or arguments.
+environment. The config is checked on every rank before torch is imported (a bad config answers
+in a fraction of a second), the machine (GPU, Transformer Engine, Triton) before any process group.
+Exit codes (megatron_harpe/cli.py): 0 finished; 2 bad config, flags or input (one message, no
+traceback unless --debug); 3 non-finite loss (last good checkpoint kept); 75 stopped on a signal
+after checkpointing (requeue me); 1 internal error (traceback).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megatron_harpe.backends import setup_backend
+from megatron_harpe.cli import run_command
+
+PROG = "harpe-train"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="harpe-train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML run config (see examples/)")
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML run config (see examples/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", help="show upstream warnings too (HARPE_VERBOSE=1)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for bad-input errors too (HARPE_DEBUG=1)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.iterations=20")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # The config is read and checked before torch or megatron-core is imported: a bad config or
-    # --print-config answers in well under a second, on every rank, before any process group.
-    from megatron_harpe.config.loader import ConfigError, dump_config, load_config
+def _train(args) -> int:
+    from megatron_harpe.config.loader import dump_config, load_config
     from megatron_harpe.config.validate import validate_config
     from megatron_harpe.parallel.launch import detect_launch, init_distributed
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        launch = detect_launch()
-        validate_config(cfg, launch.world_size)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"harpe-train: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    launch = detect_launch()
+    validate_config(cfg, launch.world_size)
     if args.print_config:
-        print(dump_config(cfg))
+        print(dump_config(cfg), end="")
         return 0
+    from megatron_harpe.backends import setup_backend
+
     setup_backend()
     from megatron_harpe.training.runtime import check_runtime, detect_machine
 
-    try:  # what the machine must offer (GPU, Transformer Engine, Triton), still before any process group
-        check_runtime(cfg, detect_machine())
-    except ConfigError as err:
-        print(f"harpe-train: error: {err}", file=sys.stderr)
-        return 2
+    check_runtime(cfg, detect_machine())  # what the machine must offer, still before any process group
     launch = init_distributed(info=launch)
     if launch.rank == 0:
-        print(f"harpe-train: {launch.launcher} launch, world size {launch.world_size}\n{dump_config(cfg)}", flush=True)
-    from megatron_harpe.training.trainer import run
-
+        print(f"{PROG}: {launch.launcher} launch, world size {launch.world_size}; {cfg.model.position.describe()}; "
+              f"resolved config -> {cfg.run_dir}/config.yaml", flush=True)
     import torch.distributed as dist
 
+    from megatron_harpe.training.trainer import run
+
     try:
-        result = run(cfg)
+        return run(cfg).exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return result.exit_code
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    return run_command(PROG, lambda: _train(args), argv=argv, interrupted="no checkpoint written")
 
 
 if __name__ == "__main__":

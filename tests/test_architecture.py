@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_harpe"
 #: Bottom-up. A module may import modules of its own package and of the layers below its own;
 #: packages that share a layer do not import each other.
 LAYERS = [
-    {"__init__", "files", "compat", "backends"},
+    {"__init__", "cli", "files", "compat", "backends"},
     {"rope"},
     {"config"},
     {"data"},

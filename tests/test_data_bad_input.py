@@ -54,7 +54,7 @@ def test_malformed_json_names_file_and_line(tmp_path, capsys, spm_model):
     inp = _write(tmp_path / "in.jsonl", [GOOD[0], GOOD[1], '{"text": "unterminated', GOOD[2]])
     prefix = tmp_path / "out"
     rc, out, err = _run(capsys, spm_model, inp, prefix)
-    assert rc == 1
+    assert rc == 2
     assert f"{inp}:3: malformed JSON" in err and "--skip-bad-lines" in err
     assert _outputs(prefix) == []                     # nothing written, no leftovers
     rc, out, err = _run(capsys, spm_model, inp, prefix, "--skip-bad-lines")
@@ -71,13 +71,13 @@ def test_bad_line_numbers_across_blocks_and_files(tmp_path, capsys, spm_model):
     a = _write(tmp_path / "a.jsonl", [GOOD[0]])
     b = _write(tmp_path / "b.jsonl", lines)
     rc, _, err = _run(capsys, spm_model, [a, b], tmp_path / "o", "--block-mb", "0.0625")
-    assert rc == 1 and f"{b}:2501: malformed JSON" in err
+    assert rc == 2 and f"{b}:2501: malformed JSON" in err
 
 
 def test_missing_key_and_wrong_types(tmp_path, capsys, spm_model):
     inp = _write(tmp_path / "in.jsonl", [GOOD[0], {"content": "no text key"}, {"text": 42}, "[1, 2]", GOOD[1]])
     rc, _, err = _run(capsys, spm_model, inp, tmp_path / "o")
-    assert rc == 1 and f"{inp}:2: no key 'text'" in err and "--json-keys" in err
+    assert rc == 2 and f"{inp}:2: no key 'text'" in err and "--json-keys" in err
     rc, out, _ = _run(capsys, spm_model, inp, tmp_path / "o", "--skip-bad-lines")
     assert rc == 0
     assert "2 documents" in out and "3 bad lines (1 missing key, 1 not a string, 1 not an object)" in out
@@ -92,7 +92,7 @@ def test_missing_key_and_wrong_types(tmp_path, capsys, spm_model):
 def test_non_utf8_bytes(tmp_path, capsys, spm_model):
     inp = _write(tmp_path / "in.jsonl", [GOOD[0], b'{"text": "caf\xe9 latin-1 bytes"}', GOOD[1]])
     rc, _, err = _run(capsys, spm_model, inp, tmp_path / "o")
-    assert rc == 1 and f"{inp}:2: invalid UTF-8 (byte 0xe9" in err and "--replace-invalid-utf8" in err
+    assert rc == 2 and f"{inp}:2: invalid UTF-8 (byte 0xe9" in err and "--replace-invalid-utf8" in err
     rc, out, _ = _run(capsys, spm_model, inp, tmp_path / "o", "--skip-bad-lines")
     assert rc == 0 and "2 documents" in out and "(1 invalid UTF-8)" in out
     rc, out, _ = _run(capsys, spm_model, inp, tmp_path / "r", "--replace-invalid-utf8")
@@ -112,7 +112,7 @@ def test_empty_documents_and_blank_lines(tmp_path, capsys, spm_model):
     # a file of nothing but empty documents is an error, not an empty dataset
     only = _write(tmp_path / "empty.jsonl", [{"text": ""}, ""])
     rc, _, err = _run(capsys, spm_model, only, tmp_path / "out_e")
-    assert rc == 1 and "no documents" in err and _outputs(tmp_path / "out_e") == []
+    assert rc == 2 and "no documents" in err and _outputs(tmp_path / "out_e") == []
 
 
 def test_bom_and_crlf_are_fine(tmp_path, capsys, spm_model):
@@ -124,24 +124,24 @@ def test_bom_and_crlf_are_fine(tmp_path, capsys, spm_model):
 
 def test_missing_inputs(tmp_path, capsys, spm_model):
     rc, _, err = _run(capsys, spm_model, tmp_path / "nope.jsonl", tmp_path / "o")
-    assert rc == 1 and "input file not found" in err
+    assert rc == 2 and "input file not found" in err
     rc, _, err = _run(capsys, spm_model, str(tmp_path / "*.jsonl"), tmp_path / "o")
-    assert rc == 1 and "matches no file" in err
+    assert rc == 2 and "matches no file" in err
     corrupt = tmp_path / "bad.jsonl.gz"
     corrupt.write_bytes(b"\x1f\x8b\x08\x00" + b"garbage" * 20)
     rc, _, err = _run(capsys, spm_model, corrupt, tmp_path / "o")
-    assert rc == 1 and "cannot read input" in err and "bad.jsonl.gz" in err
+    assert rc == 2 and "cannot read input" in err and "bad.jsonl.gz" in err
     assert _outputs(tmp_path / "o") == []
 
 
 def test_missing_or_unreadable_tokenizer(tmp_path, capsys):
     inp = _write(tmp_path / "in.jsonl", GOOD)
     rc, _, err = _run(capsys, tmp_path / "missing.model", inp, tmp_path / "o")
-    assert rc == 1 and "sentencepiece model not found" in err and "missing.model" in err
+    assert rc == 2 and "sentencepiece model not found" in err and "missing.model" in err
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"junk" * 100)
     rc, _, err = _run(capsys, junk, inp, tmp_path / "o")
-    assert rc == 1 and "is not a sentencepiece model" in err
+    assert rc == 2 and "is not a sentencepiece model" in err
     assert _outputs(tmp_path / "o") == []
 
 
@@ -150,15 +150,15 @@ def test_unwritable_output(tmp_path, capsys, spm_model):
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory should be")
     rc, _, err = _run(capsys, spm_model, inp, blocker / "sub" / "out")
-    assert rc == 1 and "cannot create the output directory" in err
+    assert rc == 2 and "cannot create the output directory" in err
     rc, _, err = _run(capsys, spm_model, inp, tmp_path)
-    assert rc == 1 and "is a directory" in err
+    assert rc == 2 and "is a directory" in err
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         rc, _, err = _run(capsys, spm_model, inp, ro / "out")
-        assert rc == 1 and "not writable" in err
+        assert rc == 2 and "not writable" in err
 
 
 def test_write_failure_leaves_no_valid_pair(tmp_path, capsys, spm_model, monkeypatch, corpus_jsonl):
@@ -249,7 +249,7 @@ def test_upsample_bad_input(tmp_path, capsys, spm_model):
                                          {"text": "g h i", "source": "y"}])
     base = ["--tokenizer-type", "sentencepiece", "--tokenizer-model", spm_model, "--seq-length", "4",
             "--workers", "0", "--output-prefix", str(tmp_path / "u")]
-    assert upsample.main(["--input", str(inp), "--source-key", "source", *base]) == 1
+    assert upsample.main(["--input", str(inp), "--source-key", "source", *base]) == 2
     err = capsys.readouterr().err
     assert f"{inp}:2: no source key 'source'" in err
     assert upsample.main(["--input", str(inp), "--source-key", "source", "--skip-bad-lines", "--keep-prob", "1",
@@ -260,7 +260,7 @@ def test_upsample_bad_input(tmp_path, capsys, spm_model):
     assert report["bad_lines"] == 2 and set(report["per_source"]) == {"x", "y"}
     # a source that keeps nothing cannot keep its share: a clear error
     assert upsample.main(["--input", str(inp), "--source-key", "source", "--skip-bad-lines", "--keep-prob", "0",
-                          *base[:-1], str(tmp_path / "z")]) == 1
+                          *base[:-1], str(tmp_path / "z")]) == 2
     assert "keeps no document" in capsys.readouterr().err
     assert not list(tmp_path.glob("z*"))
     assert upsample.main(["--source", "oops", *base]) == 2

@@ -173,11 +173,11 @@ def test_train_tokenizer_cli(tmp_path, corpus_jsonl, capsys):
 
 
 def test_train_tokenizer_cli_errors(tmp_path, corpus_jsonl, capsys):
-    assert train_tokenizer.main(["--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path)]) == 1
+    assert train_tokenizer.main(["--input", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path)]) == 2
     assert "input file not found" in capsys.readouterr().err
-    assert train_tokenizer.main(["--input", corpus_jsonl, "--vocab-size", "100", "--output-dir", str(tmp_path)]) == 1
+    assert train_tokenizer.main(["--input", corpus_jsonl, "--vocab-size", "100", "--output-dir", str(tmp_path)]) == 2
     assert "too small" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{broken\n')
-    assert train_tokenizer.main(["--input", str(bad), "--output-dir", str(tmp_path / "o")]) == 1
+    assert train_tokenizer.main(["--input", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err

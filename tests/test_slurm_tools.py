@@ -113,7 +113,7 @@ def test_merge_bad_inputs_are_named(tmp_path, capsys, case, message):
         with open(tmp_path / "cut.bin", "r+b") as f:
             f.truncate(2)
     out = a if case == "output_is_input" else str(tmp_path / "out")
-    assert merge_main(["--input", *args, "--output-prefix", out, "--no-progress"]) == 1
+    assert merge_main(["--input", *args, "--output-prefix", out, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.idx").exists()
 

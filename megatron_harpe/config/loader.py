@@ -18,11 +18,12 @@ from typing import Any, Dict, List, Sequence, Union
 
 import yaml
 
+from megatron_harpe.cli import InputError
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.schema import Config
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, with the dotted key it concerns."""
 
 

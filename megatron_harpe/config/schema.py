@@ -51,6 +51,9 @@ class SchedulerConfig:
     warmup_iterations: int = 0
     decay_style: str = "cosine"  # constant | cosine | linear
     decay_iterations: Optional[int] = None  # None = the whole run
+    # a resumed run whose schedule (iterations, tokens, lr, warmup, decay) differs from its checkpoint's:
+    # false = refuse (say what changed); true = continue on the new schedule from the checkpoint's iteration
+    replan_on_resume: bool = False
 
 
 @dataclass
@@ -72,6 +75,12 @@ class DataConfig:
     cache_dir: Optional[str] = None  # GPTDataset index cache; None = <run_dir>/data_cache
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
+
+    def __post_init__(self):
+        if self.tokenizer_model is not None and self.tokenizer_type is None:
+            # the two kinds have distinct file names; say it once here rather than fail later
+            name = str(self.tokenizer_model).rstrip("/")
+            self.tokenizer_type = "sentencepiece" if name.endswith(".model") else "huggingface"
 
 
 def parse_blend(blend: List) -> Tuple[List[str], Optional[List[float]]]:

@@ -14,6 +14,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from megatron_harpe.cli import run_command
+
 PROG = "harpe-convert"
 
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser_.add_argument("--verify", action="store_true",
                              help="load the result with transformers and report the max logit difference")
+        parser_.add_argument("--verbose", action="store_true", help="show upstream warnings too")
+        parser_.add_argument("--debug", action="store_true", help="tracebacks for bad-input errors too")
     return parser
 
 
@@ -101,38 +105,37 @@ def position_from_args(args, hf_dir: str):
         raise ConversionError(f"--position-kind {args.position_kind}: {err}") from None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _convert(args) -> int:
     # Conversion is CPU work (the model is built on the CPU, one process); the CPU backend also runs
     # --verify's megatron-core forward. A caller that already chose a backend keeps it.
     from megatron_harpe.backends import backend_name, setup_backend
 
     if backend_name() is None:
         setup_backend(force_cpu=True)
-    from megatron_harpe.convert.errors import ConversionError
+    if args.command == "hf-to-megatron":
+        from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron
 
-    try:
-        if args.command == "hf-to-megatron":
-            from megatron_harpe.convert.hf_to_megatron import convert_hf_to_megatron
+        summary = convert_hf_to_megatron(
+            args.hf_dir, args.save, tp=args.tp, pp=args.pp, position=position_from_args(args, args.hf_dir),
+            max_position_embeddings=args.max_position_embeddings, dtype=args.dtype,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
+            show_progress=not args.no_progress, verify=args.verify)
+    else:
+        from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
 
-            summary = convert_hf_to_megatron(
-                args.hf_dir, args.save, tp=args.tp, pp=args.pp, position=position_from_args(args, args.hf_dir),
-                max_position_embeddings=args.max_position_embeddings, dtype=args.dtype,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
-                show_progress=not args.no_progress, verify=args.verify)
-        else:
-            from megatron_harpe.convert.megatron_to_hf import convert_megatron_to_hf
-
-            summary = convert_megatron_to_hf(
-                args.load, args.out, tokenizer=args.tokenizer, config=args.config, dtype=args.dtype,
-                max_shard_size=args.max_shard_size, vocab_size=args.vocab_size,
-                max_position_embeddings=args.max_position_embeddings, overwrite=args.overwrite,
-                show_progress=not args.no_progress, verify=args.verify)
-    except ConversionError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        summary = convert_megatron_to_hf(
+            args.load, args.out, tokenizer=args.tokenizer, config=args.config, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, vocab_size=args.vocab_size,
+            max_position_embeddings=args.max_position_embeddings, overwrite=args.overwrite,
+            show_progress=not args.no_progress, verify=args.verify)
     print(summary.line(), flush=True)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, lambda: _convert(args), argv=argv, interrupted="nothing written")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ import signal
 import sys
 from typing import Callable, Sequence, Tuple, Type, TypeVar
 
+from megatron_harpe.cli import InputError
+
 T = TypeVar("T")
 
 
-class UsageError(Exception):
+class UsageError(InputError):
     """A bad command line: the tool prints its usage line and the message, exit code 2."""
 
 
@@ -70,15 +72,13 @@ def sigterm_as_interrupt():
 def run_reporting_errors(prog: str, work: Callable[[], T], *, usage_errors: Tuple[Type[BaseException], ...] = (),
                          data_errors: Tuple[Type[BaseException], ...] = (),
                          interrupted: str = "no output written (incomplete files removed)") -> Tuple[int, T | None]:
-    """(0, result) on success; (2, None) for usage errors, (1, None) for bad data or I/O, (130, None) on Ctrl-C."""
+    """(0, result) on success; (2, None) for bad usage or bad input data (megatron_harpe/cli.py's contract),
+    (1, None) when writing the output failed (I/O: the machine, not the input), (130, None) on Ctrl-C."""
     try:
         return 0, work()
-    except usage_errors as err:
+    except (InputError, *usage_errors, *data_errors) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2, None
-    except data_errors as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1, None
     except OSError as err:
         print(f"{prog}: error: {err.strerror or err}: {err.filename or ''} (no output written)", file=sys.stderr)
         return 1, None

@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 from megatron_harpe.config.schema import parse_blend
+from megatron_harpe.data.indexed import check_indexed_dataset
+from megatron_harpe.data.inputs import DataError
 
 
 class TokenIds:
@@ -40,7 +42,10 @@ def build_gpt_datasets(blend: List, *, seq_length: int, num_samples: Sequence[Op
     from megatron_harpe.data.helpers import ensure_helpers
 
     if (eod_mask_loss or reset_position_ids) and eod_id is None:
-        raise ValueError("data.eod_mask_loss / data.reset_position_ids need the EOD id: set data.tokenizer_model")
+        raise DataError("data.eod_mask_loss / data.reset_position_ids need the EOD id: set data.tokenizer_model")
+    prefixes, _ = parse_blend(blend)
+    for prefix in prefixes:  # a truncated or mismatched pair fails here, named, not deep in GPTDataset
+        check_indexed_dataset(prefix)
     ensure_helpers()
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=parse_blend(blend), split=split,

@@ -26,6 +26,8 @@ import struct
 
 import numpy as np
 
+from megatron_harpe.data.inputs import DataError
+
 __all__ = ["IndexedDatasetWriter", "DTYPE_CODES", "read_index", "check_indexed_dataset",
            "remove_incomplete"]
 
@@ -125,12 +127,18 @@ def read_index(prefix: str) -> dict:
     with open(path, "rb") as f:
         head = f.read(34)
     if len(head) < 34 or head[:9] != _HEADER:
-        raise ValueError(f"{path} is not a megatron indexed-dataset index (bad header)")
+        raise DataError(f"{path} is not a megatron indexed-dataset index (bad header); make it with harpe-preprocess")
     version, = struct.unpack("<Q", head[9:17])
     code = head[17]
     count, docs = struct.unpack("<QQ", head[18:34])
     if version != 1 or code not in _CODE_DTYPES:
-        raise ValueError(f"{path}: unsupported version {version} or dtype code {code}")
+        raise DataError(f"{path}: unsupported version {version} or dtype code {code}")
+    expected = 34 + 12 * count + 8 * docs
+    actual = os.path.getsize(path)
+    if actual != expected:
+        raise DataError(f"{path} is {'cut short' if actual < expected else 'longer than its header says'} ({actual} "
+                        f"bytes, its header describes {expected}): the file is incomplete or corrupt; make it again "
+                        f"with harpe-preprocess")
     buf = np.memmap(path, mode="r", dtype=np.uint8)
     off = 34
     lengths = np.frombuffer(buf, dtype="<i4", count=count, offset=off)
@@ -143,21 +151,22 @@ def read_index(prefix: str) -> dict:
 
 
 def check_indexed_dataset(prefix: str) -> dict:
-    """Check that ``.bin`` and ``.idx`` agree (size, pointers); returns counts. Raises ValueError."""
+    """Check that ``.bin`` and ``.idx`` agree (size, pointers); returns counts. Raises DataError (a ValueError)."""
     idx = read_index(prefix)
     lengths, pointers = idx["sequence_lengths"], idx["sequence_pointers"]
     itemsize = idx["dtype"].itemsize
     total = int(lengths.sum(dtype=np.int64))
     size = os.path.getsize(prefix + ".bin")
     if size != total * itemsize:
-        raise ValueError(f"{prefix}.bin has {size} bytes but its index describes {total * itemsize}")
+        raise DataError(f"{prefix}.bin has {size} bytes but its index describes {total * itemsize}: the pair is "
+                        f"incomplete or mismatched; make it again with harpe-preprocess")
     if lengths.size:
         expected = np.concatenate([[0], np.cumsum(lengths[:-1].astype(np.int64) * itemsize)])
         if not np.array_equal(expected, pointers):
-            raise ValueError(f"{prefix}.idx: sequence pointers do not follow the lengths")
+            raise DataError(f"{prefix}.idx: sequence pointers do not follow the lengths (corrupt index)")
     d = idx["document_indices"]
     if d.size == 0 or d[0] != 0 or d[-1] != lengths.size or np.any(np.diff(d) < 0):
-        raise ValueError(f"{prefix}.idx: document indices are not a partition of the sequences")
+        raise DataError(f"{prefix}.idx: document indices are not a partition of the sequences (corrupt index)")
     return {"sequences": int(lengths.size), "documents": int(d.size - 1), "tokens": total,
             "dtype": str(idx["dtype"])}
 

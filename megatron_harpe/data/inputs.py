@@ -6,10 +6,12 @@ import gzip
 import os
 from typing import Iterable
 
+from megatron_harpe.cli import InputError
+
 __all__ = ["DataError", "expand_inputs", "open_binary", "get_field", "check_output_prefix"]
 
 
-class DataError(Exception):
+class DataError(InputError):
     """Bad input or output: the message names the file (and line) and what to do about it."""
 
 

@@ -24,13 +24,14 @@ import os
 import sys
 import time
 
+from megatron_harpe.cli import InputError
 from megatron_harpe.data.indexed import check_indexed_dataset, read_index, remove_incomplete
 from megatron_harpe.data.cli_errors import run_reporting_errors
 
 PROG = "harpe-merge-data"
 
 
-class MergeError(Exception):
+class MergeError(InputError):
     pass
 
 

@@ -24,6 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megatron_harpe.cli import InputError
+
 __all__ = ["TokenizerError", "Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
            "load_tokenizer", "TOKENIZER_TYPES", "token_dtype"]
 
@@ -41,7 +43,7 @@ _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>",
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
 
 
-class TokenizerError(Exception):
+class TokenizerError(InputError):
     """A tokenizer that cannot be loaded or used; the message names the file and the fix."""
 
 

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             path = train_huggingface(lines, args.output_dir, args.vocab_size)
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     from megatron_harpe.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.type, path)

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from megatron_harpe.cli import run_command
 from megatron_harpe.evaluation.errors import EvalError
 
 PROG = "harpe-eval"
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("\n"):])
+    parser.add_argument("--verbose", action="store_true", help="show upstream warnings too (HARPE_VERBOSE=1)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for bad-input errors too (HARPE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ppl", help="sliding-window perplexity per length")
@@ -258,19 +261,17 @@ def _check_haystack(haystack: str, text_key: str) -> None:
         raise EvalError(f"--haystack {haystack!r}: expected essay, repeat or an existing text/jsonl file")
 
 
+def _run_quietly(args) -> int:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+        return _run(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-            return _run(args)
-    except EvalError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; the results so far are saved: rerun the same command to continue",
-              file=sys.stderr)
-        return 130
+    return run_command(PROG, lambda: _run_quietly(args), argv=argv,
+                       interrupted="the results so far are saved: rerun the same command to continue")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ The trainer's checkpoints (model + optimizer + RNG + scheduler), the converters'
   tell; loading checks it unless the caller deliberately changes the encoding (init_from).
 - It is written under a staging name and renamed into place when every rank has finished, so an
   interrupted save never looks like a complete checkpoint.
+- A checkpoint that cannot be loaded is a CheckpointError (bad input, exit 2) that names the
+  directory and says why: incomplete (a shard file missing or cut short: a copy or a save that did
+  not finish), another model (a tensor of another shape), or missing entries.
 - It loads across layer specs: Transformer Engine's modules keep FP8 scaling state in `_extra_state`
   entries that the local spec (CPU, converters) neither writes nor reads. Loading asks megatron-core
   to return what the model wants and the checkpoint lacks (StrictHandling.RETURN_UNEXPECTED) and
@@ -25,10 +28,15 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_harpe.cli import InputError
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.position_record import RECORD_KEY, position_record, verify_position_record
 from megatron_harpe.files import publish, staging_path
 from megatron_harpe.models.unwrap import unwrap_model
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be loaded into this model; the message names it and the likely cause."""
 
 
 def _rank() -> int:
@@ -60,7 +68,7 @@ def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any
         result = unwrap_model(chunk).load_state_dict(loaded[model_state_key(i, len(chunks))], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
         if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint weights do not fit the model: missing {missing[:5]}"
+            raise CheckpointError(f"checkpoint weights do not fit the model: missing {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}, unexpected {result.unexpected_keys[:5]}")
 
 
@@ -96,17 +104,58 @@ def read_common_state(directory: str | os.PathLike) -> Dict[str, Any]:
     """The non-sharded part of a checkpoint (position record, iteration, ...), readable on any rank."""
     directory = Path(directory)
     if not (directory / "metadata.json").exists():
-        raise FileNotFoundError(f"{directory} is not a complete torch_dist checkpoint (no metadata.json); "
-                                f"pass the directory that the trainer or harpe-convert wrote")
-    return dist_checkpointing.load_common_state_dict(str(directory))
+        raise CheckpointError(f"{directory} is not a complete torch_dist checkpoint (no metadata.json); "
+                              f"pass the directory that the trainer or harpe-convert wrote")
+    try:
+        return dist_checkpointing.load_common_state_dict(str(directory))
+    except (OSError, EOFError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {directory} is incomplete or corrupt: its common state cannot be read "
+                              f"({type(err).__name__}: {err}); remove it, or point 'latest' at an older one") from None
+
+
+def check_checkpoint_files(directory: str | os.PathLike, sharded_state: Dict[str, Any]) -> None:
+    """Before loading (which would fail deep inside torch.distributed.checkpoint, rank by rank): every
+    shard file the checkpoint's index names exists and is long enough, and every tensor this model
+    asks for has the shape the checkpoint holds."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    directory = Path(directory)
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except (OSError, EOFError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {directory} is incomplete or corrupt: its index (.metadata) cannot be "
+                              f"read ({type(err).__name__}); remove it, or point 'latest' at an older one") from None
+    needed: Dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = directory / name
+        if not path.is_file() or path.stat().st_size < size:
+            state = "missing" if not path.is_file() else f"cut short ({path.stat().st_size} of {size} bytes)"
+            raise CheckpointError(f"checkpoint {directory} is incomplete: shard file {name} is {state} (a copy or a "
+                                  f"save that did not finish); remove it, or point 'latest' at an older checkpoint")
+    shapes = {key: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items() if hasattr(meta, "size")}
+    for tensor in nested_values(sharded_state):
+        if not isinstance(tensor, ShardedTensor) or tensor.key not in shapes or tensor.allow_shape_mismatch:
+            continue  # (megatron-core lets some tensors, e.g. a padded vocabulary, differ on purpose)
+        if shapes[tensor.key] != tuple(tensor.global_shape):
+            raise CheckpointError(f"checkpoint {directory} holds another model: {tensor.key} is {shapes[tensor.key]} "
+                                  f"there but {tuple(tensor.global_shape)} in this one; the model settings (layers, "
+                                  f"hidden size, heads, K/V groups, vocabulary) must match the checkpoint's "
+                                  f"(see its config.yaml or model.yaml), or start from it with a matching config")
 
 
 def check_position_record(common: Mapping[str, Any], model_cfg: ModelConfig, directory) -> None:
     saved = common.get(RECORD_KEY)
     if saved is None:
-        raise ValueError(f"checkpoint {directory} has no position-encoding record; load it as weights only "
-                         f"(training.init_from) if it comes from elsewhere")
-    verify_position_record(saved, position_record(model_cfg), where=f"checkpoint {directory}")
+        raise CheckpointError(f"checkpoint {directory} has no position-encoding record; load it as weights only "
+                              f"(training.init_from) if it comes from elsewhere")
+    try:
+        verify_position_record(saved, position_record(model_cfg), where=f"checkpoint {directory}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def read_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any],
@@ -119,12 +168,13 @@ def read_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any],
     common = read_common_state(directory)
     if model_cfg is not None:
         check_position_record(common, model_cfg, directory)
+    check_checkpoint_files(directory, sharded_state)
     loaded, _, absent = dist_checkpointing.load(sharded_state, str(directory),
                                                 strict=StrictHandling.RETURN_UNEXPECTED)
     absent = sorted(k for k in absent if not k.endswith(EXTRA_STATE_SUFFIX))
     if absent:
-        raise ValueError(f"checkpoint {directory} lacks {len(absent)} entr{'y' if len(absent) == 1 else 'ies'} this "
-                         f"model needs, e.g. {absent[:4]}: it was saved by another architecture or layout")
+        raise CheckpointError(f"checkpoint {directory} lacks {len(absent)} entr{'y' if len(absent) == 1 else 'ies'} "
+                              f"this model needs, e.g. {absent[:4]}: it was saved by another architecture or layout")
     return loaded, common
 
 

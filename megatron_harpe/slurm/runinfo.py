@@ -20,11 +20,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from megatron_harpe.cli import InputError
+
 
 LATEST_FILE = "latest"  # megatron_harpe.training.checkpointing.LATEST
 
 
-class RunInfoError(ValueError):
+class RunInfoError(InputError):
     pass
 
 

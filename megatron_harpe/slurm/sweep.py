@@ -41,6 +41,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_harpe.cli import InputError
+
 PROG = "harpe-sweep"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SCRIPT = REPO_ROOT / "slurm" / "train.sbatch"
@@ -50,7 +52,7 @@ LAYOUT_ALIASES = {"tp": "parallel.tensor", "pp": "parallel.pipeline", "cp": "par
 METHOD_EXAMPLE = "examples/llama2_7b_{}_128k.yaml"
 
 
-class SweepError(Exception):
+class SweepError(InputError):
     pass
 
 

@@ -15,6 +15,7 @@ import torch
 
 from megatron_harpe.config.schema import DataConfig
 from megatron_harpe.data.gpt_dataset import build_gpt_datasets
+from megatron_harpe.data.inputs import DataError
 
 
 class MockArithmeticDataset(torch.utils.data.Dataset):
@@ -48,7 +49,7 @@ def build_train_dataset(data: DataConfig, *, vocab_size: int, seq_length: int, n
                                      eod_id=eod_id, reset_position_ids=data.reset_position_ids,
                                      eod_mask_loss=data.eod_mask_loss)
     if train is None or len(train) < num_samples:
-        raise ValueError(f"the training split of {data.blend} yields {0 if train is None else len(train)} samples of "
+        raise DataError(f"the training split of {data.blend} yields {0 if train is None else len(train)} samples of "
                          f"{seq_length} tokens, fewer than the {num_samples} the run needs; add data or check data.split")
     return train
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_harpe import compat
+from megatron_harpe.cli import InputError
 from megatron_harpe.config.loader import dump_config
 from megatron_harpe.config.schema import Config
 from megatron_harpe.config.stages import Stage, build_schedule, stage_at
@@ -106,6 +108,7 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.params_dtype = _params_dtype(cfg)
+        self.replan = False
 
     # ------------------------------------------------------------------ building
     def _transformer_config(self, model_cfg):
@@ -125,6 +128,31 @@ class Trainer:
             batch_p2p_comm=compat.batch_p2p_comm(p.virtual_pipeline),
             **fp8_settings(self.cfg.fp8),
         )
+
+    def schedule_plan(self) -> Dict[str, Any]:
+        """The learning-rate schedule this config asks for, as stored with every checkpoint."""
+        s, o = self.cfg.scheduler, self.cfg.optimizer
+        decay = s.decay_iterations or max(self.total_iterations - s.warmup_iterations, 1)
+        return {"total_iterations": self.total_iterations, "warmup_iterations": s.warmup_iterations,
+                "decay_end_iteration": s.warmup_iterations + decay, "decay_style": s.decay_style,
+                "lr": o.lr, "min_lr": o.min_lr}
+
+    def _check_schedule(self, saved: Optional[Dict[str, Any]], iteration: int, where) -> None:
+        """A resumed run with another schedule (more iterations, another lr...) is re-planned only when
+        asked (scheduler.replan_on_resume), and then says so; otherwise it is refused. Silently keeping
+        the checkpoint's schedule would run the added iterations at min_lr."""
+        self.replan = False
+        plan = self.schedule_plan()
+        if saved is None or saved == plan:
+            return
+        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in plan.items() if saved.get(k) != v)
+        if not self.cfg.scheduler.replan_on_resume:
+            raise InputError(f"{where} was saved at iteration {iteration} of another schedule ({changed}). Restore "
+                             f"the old settings to continue it, or set scheduler.replan_on_resume=true to continue "
+                             f"on the new schedule from iteration {iteration} (the learning rate follows the new "
+                             f"plan from there on)")
+        self.replan = True
+        self.replan_note = f"learning-rate schedule re-planned at iteration {iteration}: {changed}"
 
     def _build(self, model_cfg) -> None:
         p = self.cfg.parallel
@@ -151,12 +179,14 @@ class Trainer:
                                     params_dtype=self.params_dtype,
                                     use_distributed_optimizer=p.distributed_optimizer),
             self.chunks)
-        s = self.cfg.scheduler
-        decay = s.decay_iterations or max(self.total_iterations - s.warmup_iterations, 1)
+        plan = self.schedule_plan()
+        # replan: the config's schedule wins over the checkpoint's (megatron-core's override flag)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=s.warmup_iterations,
-            lr_decay_steps=s.warmup_iterations + decay, lr_decay_style=s.decay_style, start_wd=o.weight_decay,
-            end_wd=o.weight_decay, wd_incr_steps=max(self.total_iterations, 1), wd_incr_style="constant")
+            self.optimizer, init_lr=0.0, max_lr=plan["lr"], min_lr=plan["min_lr"],
+            lr_warmup_steps=plan["warmup_iterations"], lr_decay_steps=plan["decay_end_iteration"],
+            lr_decay_style=plan["decay_style"], start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(self.total_iterations, 1), wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=not self.replan, override_opt_param_scheduler=self.replan)
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
         if p.overlap_grad_reduce:
@@ -212,21 +242,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
-        iteration, how = self._resume_or_start()
+        iteration, data = self._prepare()
         self.config_yaml = dump_config(self.cfg)
         if self.rank == 0:
             atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
         logger = self._metrics_logger(start_iteration=iteration)
         p = self.cfg.parallel
-        logger.log_event(f"{how}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
+        logger.log_event(f"{self.how}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
                          f"world {self.world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {self.dp_size}")
         compat.start_checkpoint_writer_shielded(parse_signals(self.cfg.checkpoint.exit_signals))
         with SignalWatcher(self.cfg.checkpoint.exit_signals) as watcher:
-            result = self._train(iteration, logger, watcher)
+            result = self._train(iteration, data, logger, watcher)
         logger.log_event(f"{result.reason} | {summary_line(logger.summary())} | checkpoints: {self.ckpt_dir} | "
                          f"TensorBoard: {self.run_dir / 'tensorboard'} | metrics: {self.run_dir / 'metrics.jsonl'}")
         logger.close()
         return result
+
+    def _prepare(self) -> tuple[int, MicroBatches]:
+        """Model, optimizer, checkpoint and data: everything that can fail on bad input, before anything
+        of the run is written. A run directory that this failure would leave behind half made (the data
+        cache is written into it) is removed again."""
+        existed = self.run_dir.exists()
+        try:
+            iteration, self.how = self._resume_or_start()
+            return iteration, self._data_for(stage_at(self.stages, iteration))
+        except InputError:
+            if not existed and self.rank == 0:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     def _resume_or_start(self) -> tuple[int, str]:
         """Build the model for where the run stands: (first iteration to run, how we got there)."""
@@ -237,7 +280,9 @@ class Trainer:
                 ckpt.load_weights_only(self.cfg.training.init_from, self.chunks)
                 return 0, f"weights from {self.cfg.training.init_from}"
             return 0, "fresh start"
-        iteration = int(read_common_state(latest)["iteration"])
+        common = read_common_state(latest)
+        iteration = int(common["iteration"])
+        self._check_schedule(common.get("schedule"), iteration, f"checkpoint {latest}")
         saved_stage = stage_at(self.stages, max(iteration - 1, 0))
         self._build(saved_stage.model_cfg)
         info = ckpt.load_checkpoint(latest, chunks=self.chunks, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -248,6 +293,8 @@ class Trainer:
         how = f"resumed from {latest} at iteration {iteration}"
         if not info["rng_restored"]:
             how += " (parallel layout changed: RNG streams re-seeded, weights/optimizer resharded)"
+        if self.replan:
+            how += f"; {self.replan_note}"
         return iteration, how
 
     def _peak_tflops(self) -> Optional[float]:
@@ -261,12 +308,12 @@ class Trainer:
                              progress_bar=log.progress_bar, interval=log.interval,
                              peak_tflops_per_device=self._peak_tflops(), start_iteration=start_iteration)
 
-    def _train(self, iteration: int, logger: MetricsLogger, watcher: SignalWatcher) -> RunResult:
+    def _train(self, iteration: int, data: MicroBatches, logger: MetricsLogger,
+               watcher: SignalWatcher) -> RunResult:
         """Iterations until the end, a non-finite loss or a signal; checkpoints as configured."""
         cfg = self.cfg
         result = RunResult(exit_code=0, iteration=iteration)
         stage = stage_at(self.stages, iteration)
-        data = self._data_for(stage)
         while iteration < self.total_iterations:
             if iteration >= stage.end_iteration:  # stage boundary
                 self._save(iteration, stage)
@@ -330,7 +377,8 @@ class Trainer:
     def _write_checkpoint(self, iteration: int, stage: Stage) -> None:
         ckpt.save_checkpoint(self.ckpt_dir, iteration, chunks=self.chunks, optimizer=self.optimizer,
                              scheduler=self.scheduler, model_cfg=stage.model_cfg,
-                             common={"iteration": iteration, "stage": stage.index},
+                             common={"iteration": iteration, "stage": stage.index,
+                                     "schedule": self.schedule_plan()},
                              keep_last=self.cfg.checkpoint.keep_last, config_yaml=self.config_yaml)
 
     def _switch_stage(self, stage: Stage) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from megatron_harpe.cli import InputError
+
 LAUNCHERS = ("torchrun", "slurm", "mpi", "single")
 DEFAULT_MASTER_PORT = 29500  # torch's own default, used when MASTER_ADDR is given without MASTER_PORT
 
@@ -26,7 +28,7 @@ class LaunchInfo:
     node_rank: int | None = None
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """The launcher's environment is inconsistent or incomplete (the message names the variables)."""
 
 
