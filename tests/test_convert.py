@@ -180,13 +180,22 @@ def test_reads_legacy_and_transformers5_rope_records():
         position = position_from_hf(config)
         assert (position.kind, position.base, position.interpolation_factor) == ("pi", 5e5, 4.0)
     assert position_from_hf({**base, "rope_theta": 5e5}).kind == "rope"  # transformers 4, no scaling
-    llama3 = {**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
-                                          "original_max_position_embeddings": 4096}}
-    assert position_from_hf(llama3).yarn_original_max_position_embeddings == 4096
+    yarn = {**base, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0,
+                                        "original_max_position_embeddings": 4096}}
+    assert position_from_hf(yarn).yarn_original_max_position_embeddings == 4096
+    llama31 = {**base, "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0,
+                                                           "original_max_position_embeddings": 8192}}
+    position = position_from_hf(llama31)
+    assert (position.kind, position.base, position.llama3_factor, position.llama3_low_freq_factor,
+            position.llama3_high_freq_factor, position.llama3_original_max_position_embeddings) == \
+        ("llama3", 5e5, 8.0, 1.0, 4.0, 8192)
+    with pytest.raises(ConversionError, match="original_max_position_embeddings"):
+        position_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(ConversionError, match="disagree"):
         hf_rope_settings({**legacy, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0}})
-    with pytest.raises(ConversionError, match="llama3.*--position-kind"):
-        position_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ConversionError, match="longrope.*--position-kind"):
+        position_from_hf({**base, "rope_scaling": {"rope_type": "longrope", "factor": 8.0}})
     # a Llama-3 layout: GQA, head_dim, tied embeddings
     cfg = model_config_from_hf({**base, "num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True})
     assert (cfg.groups, cfg.head_dim, cfg.kv_channels, cfg.tie_embeddings) == (2, 32, 32, True)
@@ -270,6 +279,9 @@ def test_harpe_with_equal_bases_exports_to_stock_llama_logits(hf_llama, work):
     (PositionEmbeddingConfig(kind="pi", base=10000.0, interpolation_factor=4.0), "linear"),
     (PositionEmbeddingConfig(kind="yarn", base=10000.0, yarn_factor=4.0, yarn_original_max_position_embeddings=32),
      "yarn"),
+    # an original context of 32 puts this head size's frequencies in all three of Llama 3's bands
+    (PositionEmbeddingConfig(kind="llama3", base=10000.0, llama3_factor=8.0, llama3_low_freq_factor=1.0,
+                             llama3_high_freq_factor=4.0, llama3_original_max_position_embeddings=32), "llama3"),
 ])
 def test_one_base_schemes_export_as_stock_llama(hf_llama, work, position, scaling):
     """ABF / PI / YaRN models become LlamaForCausalLM configs whose logits equal megatron-core's."""
@@ -284,6 +296,27 @@ def test_one_base_schemes_export_as_stock_llama(hf_llama, work, position, scalin
     tokens = ids(seq=64)  # past YaRN's original length
     diff = (hf_logits(out, tokens) - megatron_checkpoint_logits(ckpt, tokens)[..., :VOCAB]).abs().max().item()
     assert diff < 2e-5, diff
+
+
+def test_llama31_checkpoint_converts_with_its_rope_scaling(work):
+    """A Llama-3.1-shaped checkpoint (rope_type llama3, Llama 3.1's own settings): megatron-core's
+    RotaryEmbedding(rope_scaling=True) reproduces Hugging Face's logits, and the export writes the same scaling."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    long = dict(rope_theta=500000.0, max_position_embeddings=2048)
+    hf = tiny_llama(work / "hf_llama31", seed=7, rope_scaling=dict(scaling), **long)  # (HF edits the dict)
+    ckpt, out = work / "mg_llama31", work / "hf_llama31_back"
+    convert_hf_to_megatron(hf, ckpt, show_progress=False)
+    tokens = ids(batch=1, seq=2048, seed=3)  # long enough for the wavelengths past 8192 to turn
+    reference = hf_logits(hf, tokens)
+    unscaled = tiny_llama(work / "hf_llama31_plain", seed=7, **long)
+    assert (hf_logits(unscaled, tokens) - reference).abs().max() > 1e-3  # the scaling matters at this length
+    diff = (megatron_checkpoint_logits(ckpt, tokens)[..., :VOCAB] - reference).abs().max().item()
+    assert diff < 2e-5, diff
+    convert_megatron_to_hf(ckpt, out, show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config["rope_scaling"][k] for k in scaling} == scaling
+    assert torch.equal(hf_logits(out, tokens), reference)
 
 
 def test_bf16_tied_llama_round_trip(work):
@@ -350,7 +383,7 @@ def _write_config(directory: Path, **changes):
     ({}, dict(tp=3), "divisible by tensor_model_parallel_size"),
     ({}, dict(pp=3), "--pp 3.*num_layers \\(4\\) must be divisible by pipeline_model_parallel_size"),
     ({}, dict(position=PositionEmbeddingConfig(kind="harpe", bases=[1e4, 1e5, 1e6])), "3 bases.*2 K/V groups"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), {}, "--position-kind"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 5e5, "factor": 8.0}), {}, "--position-kind"),
     (dict(intermediate_size=200), {}, "shape mismatch"),
 ])
 def test_refuses_bad_inputs_clearly(hf_llama, work, change, kwargs, message):

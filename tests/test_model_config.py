@@ -38,6 +38,10 @@ def harpe_model(**kw):
     (lambda: PositionEmbeddingConfig(kind="rope", bases=[1e4]), "position.bases applies to position.kind=harpe"),
     (lambda: PositionEmbeddingConfig(kind="harpe", base=1e4), "HARPE takes position.bases"),
     (lambda: ModelConfig(attention_dropout=1.0), "attention_dropout must be in"),
+    (lambda: PositionEmbeddingConfig(kind="llama3"), "llama3_factor >= 1"),
+    (lambda: PositionEmbeddingConfig(kind="llama3", llama3_factor=8, llama3_low_freq_factor=4),
+     "llama3_low_freq_factor must be > 0 and below"),
+    (lambda: PositionEmbeddingConfig(kind="rope", llama3_factor=8), "llama3_factor applies to position.kind=llama3"),
 ])
 def test_bad_model_configs_are_rejected_when_made(make, message):
     with pytest.raises(ValueError, match=message):
@@ -172,6 +176,16 @@ def test_position_record_carries_every_yarn_setting():
     old = {k: v for k, v in position_record(other).items() if k not in ("yarn_beta_fast", "yarn_beta_slow")}
     old["version"] = 1
     verify_position_record(old, position_record(other))
+
+
+def test_position_record_carries_llama3_scaling():
+    llama3 = ModelConfig(position=PositionEmbeddingConfig(kind="llama3", base=5e5, llama3_factor=8))
+    record = position_record(llama3)
+    assert position_from_record(record) == llama3.position
+    assert llama3.position.describe() == "RoPE base 500000 + Llama-3 scaling x8"
+    other = dataclasses.replace(llama3, position=dataclasses.replace(llama3.position, llama3_high_freq_factor=2.0))
+    with pytest.raises(ValueError, match="llama3_high_freq_factor"):
+        verify_position_record(record, position_record(other))
 
 
 def test_how_a_base_set_was_made_is_recorded_but_not_compared():

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from megatron_harpe.rope.bases import STRATEGIES, make_base_set, validate_bases
 
-POSITION_KINDS = ("rope", "pi", "yarn", "harpe")
+POSITION_KINDS = ("rope", "pi", "yarn", "llama3", "harpe")
 ROPE_KERNELS = ("auto", "fused", "unfused")
 DEFAULT_ROPE_BASE = 10000.0
 
@@ -31,6 +31,7 @@ _KIND_ONLY_KEYS = {
     "interpolation_factor": ("pi",),
     "yarn_factor": ("yarn",),
     "yarn_original_max_position_embeddings": ("yarn",),
+    "llama3_factor": ("llama3",),
     "bases": ("harpe",),
     "base_strategy": ("harpe",),
     "base_min": ("harpe",),
@@ -59,6 +60,9 @@ class PositionEmbeddingConfig:
               is rope with a larger base, e.g. 5e6 for the paper's single-stage baseline.
       pi    — rope with linear position interpolation by `interpolation_factor` (paper: 32).
       yarn  — megatron-core's YaRN with `yarn_factor` over `yarn_original_max_position_embeddings`.
+      llama3 — Llama 3.1/3.2's frequency-dependent scaling of one base (`llama3_factor`, low/high
+              frequency factors, the original context): what Llama-3.x checkpoints are trained with;
+              megatron-core's RotaryEmbedding(rope_scaling=True) applies it.
       harpe — one base per K/V group: `bases`, or made by `base_strategy` (uniform | uniform-desc |
               peak-valley | paper-llama2-7b | file) from base_min/base_max/base_stride or
               `bases_file`. After loading, `bases` always holds the list (see the module doc).
@@ -76,6 +80,10 @@ class PositionEmbeddingConfig:
     yarn_original_max_position_embeddings: Optional[int] = None
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
+    llama3_factor: Optional[float] = None
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    llama3_original_max_position_embeddings: int = 8192
     bases: Optional[List[float]] = None
     base_strategy: Optional[str] = None
     base_min: Optional[float] = None
@@ -112,6 +120,11 @@ class PositionEmbeddingConfig:
         if self.kind == "pi" and not (self.interpolation_factor and self.interpolation_factor > 1):
             raise ValueError("position.kind=pi needs position.interpolation_factor > 1 "
                              "(target length / original length, e.g. 32 for 4k -> 128k)")
+        if self.kind == "llama3":
+            if not (self.llama3_factor and self.llama3_factor >= 1):
+                raise ValueError("position.kind=llama3 needs position.llama3_factor >= 1 (Llama 3.1: 8, 3.2: 32)")
+            if not 0 < self.llama3_low_freq_factor < self.llama3_high_freq_factor:
+                raise ValueError("position.llama3_low_freq_factor must be > 0 and below llama3_high_freq_factor")
         if self.kind == "yarn":
             if not (self.yarn_factor and self.yarn_factor > 1):
                 raise ValueError("position.kind=yarn needs position.yarn_factor > 1 (e.g. 32)")
@@ -129,6 +142,8 @@ class PositionEmbeddingConfig:
             return f"RoPE base {self.base:g} + PI x{self.interpolation_factor:g}"
         if self.kind == "yarn":
             return f"YaRN base {self.base:g} x{self.yarn_factor:g}"
+        if self.kind == "llama3":
+            return f"RoPE base {self.base:g} + Llama-3 scaling x{self.llama3_factor:g}"
         return f"RoPE base {self.base:g}"
 
     def with_base_set(self, num_query_groups: int, head_dim: int) -> "PositionEmbeddingConfig":

@@ -25,6 +25,8 @@ EFFECTIVE_KEYS = {
     "rope": ("base",),
     "pi": ("base", "interpolation_factor"),
     "yarn": ("base", "yarn_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow"),
+    "llama3": ("base", "llama3_factor", "llama3_low_freq_factor", "llama3_high_freq_factor",
+               "llama3_original_max_position_embeddings"),
     "harpe": ("bases",),
 }
 _GEOMETRY_KEYS = ("head_dim", "num_query_groups", "rotary_percent", "rotary_interleaved")

@@ -42,14 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad the vocabulary (zero rows) to a multiple of N; megatron-to-hf cuts it back")
     a.add_argument("--max-position-embeddings", type=int, help="the context the model will be trained for")
     p = a.add_argument_group("position encoding (default: the checkpoint's own RoPE settings)")
-    p.add_argument("--position-kind", choices=["rope", "pi", "yarn", "harpe"],
-                   help="rope (any base: ABF is a larger --rope-base), pi, yarn, or harpe (one base per K/V group)")
-    p.add_argument("--rope-base", type=float, help="rope/pi/yarn base (default: the checkpoint's rope_theta)")
+    p.add_argument("--position-kind", choices=["rope", "pi", "yarn", "llama3", "harpe"],
+                   help="rope (any base: ABF is a larger --rope-base), pi, yarn, llama3 (Llama 3.1's scaling), or "
+                        "harpe (one base per K/V group; a Llama-3.x checkpoint's llama3 scaling is then dropped)")
+    p.add_argument("--rope-base", type=float, help="rope/pi/yarn/llama3 base (default: the checkpoint's rope_theta)")
     p.add_argument("--interpolation-factor", type=float, help="pi: position interpolation factor, e.g. 32")
     p.add_argument("--yarn-factor", type=float)
     p.add_argument("--yarn-original-max-position-embeddings", type=int)
     p.add_argument("--yarn-beta-fast", type=float, default=32.0)
     p.add_argument("--yarn-beta-slow", type=float, default=1.0)
+    p.add_argument("--llama3-factor", type=float, help="llama3: scaling factor (Llama 3.1: 8)")
+    p.add_argument("--llama3-original-max-position-embeddings", type=int,
+                   help="llama3: the context the base was trained at (Llama 3.1: 8192)")
     p.add_argument("--bases", type=_bases, help="harpe: the base set, one per K/V group, e.g. 1e4,1e6")
     p.add_argument("--base-strategy", help="harpe: uniform | uniform-desc | peak-valley | paper-llama2-7b | file")
     p.add_argument("--base-min", type=float, help="harpe uniform/peak-valley: smallest base (default 1e6)")
@@ -88,6 +92,8 @@ def position_from_args(args, hf_dir: str):
 
     names = {"rope_base": "base", "interpolation_factor": "interpolation_factor", "yarn_factor": "yarn_factor",
              "yarn_original_max_position_embeddings": "yarn_original_max_position_embeddings", "bases": "bases",
+             "llama3_factor": "llama3_factor",
+             "llama3_original_max_position_embeddings": "llama3_original_max_position_embeddings",
              "base_strategy": "base_strategy", "base_min": "base_min", "base_max": "base_max",
              "base_stride": "base_stride", "bases_file": "bases_file"}
     given = {field: getattr(args, option) for option, field in names.items() if getattr(args, option) is not None}

@@ -109,9 +109,17 @@ def position_from_hf(hf: Dict[str, Any]) -> PositionEmbeddingConfig:
                                        yarn_original_max_position_embeddings=int(original),
                                        yarn_beta_fast=float(rope.get("beta_fast") or 32.0),
                                        yarn_beta_slow=float(rope.get("beta_slow") or 1.0))
+    if rope_type == "llama3":
+        original = rope.get("original_max_position_embeddings")
+        if not original:
+            raise ConversionError("config.json: llama3 RoPE scaling without original_max_position_embeddings")
+        return PositionEmbeddingConfig(kind="llama3", base=base, llama3_factor=float(rope["factor"]),
+                                       llama3_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                                       llama3_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                                       llama3_original_max_position_embeddings=int(original))
     raise ConversionError(
         f"config.json: RoPE type {rope_type!r} has no equivalent among this project's position encodings "
-        f"(rope/ABF, pi, yarn, harpe). Choose the encoding to continue training with, e.g. "
+        f"(rope/ABF, pi, yarn, llama3, harpe). Choose the encoding to continue training with, e.g. "
         f"--position-kind rope --rope-base {base:g} (or --position-kind harpe --base-strategy ...); the "
         f"weights convert unchanged.")
 
@@ -197,6 +205,11 @@ def rope_records(position: PositionEmbeddingConfig) -> Dict[str, Any]:
         scaling = {"rope_type": "yarn", "factor": float(position.yarn_factor),
                    "original_max_position_embeddings": int(position.yarn_original_max_position_embeddings),
                    "beta_fast": float(position.yarn_beta_fast), "beta_slow": float(position.yarn_beta_slow)}
+    elif position.kind == "llama3":
+        scaling = {"rope_type": "llama3", "factor": float(position.llama3_factor),
+                   "low_freq_factor": float(position.llama3_low_freq_factor),
+                   "high_freq_factor": float(position.llama3_high_freq_factor),
+                   "original_max_position_embeddings": int(position.llama3_original_max_position_embeddings)}
     else:
         raise ConversionError(f"position kind {position.kind!r} cannot be exported")
     legacy = None if scaling is None else {**scaling, "type": scaling["rope_type"]}

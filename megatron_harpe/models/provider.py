@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -75,8 +76,28 @@ def build_model(model_cfg: ModelConfig, config: TransformerConfig, *, pre_proces
     if position.kind == "yarn":
         return GPTModel(position_embedding_type="yarn", rotary_base=position.base, **common)
     factor = position.interpolation_factor if position.kind == "pi" else None
-    return GPTModel(position_embedding_type="rope", rotary_base=position.base,
-                    seq_len_interpolation_factor=factor, **common)
+    model = GPTModel(position_embedding_type="rope", rotary_base=position.base,
+                     seq_len_interpolation_factor=factor, rope_scaling=position.kind == "llama3",
+                     rope_scaling_factor=position.llama3_factor or 8.0, **common)
+    if position.kind == "llama3":
+        _apply_llama3_settings(model.rotary_pos_emb, position)
+    return model
+
+
+def _apply_llama3_settings(rotary, position) -> None:
+    """megatron-core's RotaryEmbedding(rope_scaling=True) takes only the factor and keeps Llama 3.1's other
+    settings (low/high frequency factors 1 and 4, original context 8192); recompute its inverse
+    frequencies with the configured ones through its own _apply_scaling when they differ."""
+    llama31 = (1.0, 4.0, 8192)
+    settings = (position.llama3_low_freq_factor, position.llama3_high_freq_factor,
+                position.llama3_original_max_position_embeddings)
+    if settings == llama31:
+        return
+    dim = rotary.inv_freq.numel() * 2
+    plain = 1.0 / (position.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rotary.inv_freq.device)
+                                     / dim))
+    rotary.inv_freq = rotary._apply_scaling(plain, factor=position.llama3_factor, low_freq_factor=settings[0],
+                                            high_freq_factor=settings[1], original_max_position_embeddings=settings[2])
 
 
 def replace_position_encoding(model: GPTModel, model_cfg: ModelConfig) -> None:
@@ -101,6 +122,9 @@ def replace_position_encoding(model: GPTModel, model_cfg: ModelConfig) -> None:
     model.rotary_pos_emb = RotaryEmbedding(
         kv_channels=config.kv_channels, rotary_percent=model.rotary_percent,
         rotary_interleaved=config.rotary_interleaved, seq_len_interpolation_factor=factor,
-        rotary_base=position.base, use_cpu_initialization=config.use_cpu_initialization,
+        rotary_base=position.base, rope_scaling=position.kind == "llama3",
+        rope_scaling_factor=position.llama3_factor or 8.0, use_cpu_initialization=config.use_cpu_initialization,
         cp_group=model.pg_collection.cp)
+    if position.kind == "llama3":
+        _apply_llama3_settings(model.rotary_pos_emb, position)
     model.rotary_base = position.base

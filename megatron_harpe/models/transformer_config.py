@@ -41,8 +41,8 @@ def rope_kernel(model_cfg: ModelConfig, *, cuda: bool, te: bool, triton: bool, i
 
     harpe: fused = this project's Triton kernel (rope/fused_kernel.py), which needs CUDA and Triton
     (or, asked for explicitly, Triton's interpreter: TRITON_INTERPRET=1, for tests on CPU).
-    rope/pi: fused = Transformer Engine's fused RoPE (one frequency table for all heads), needs TE
-    on CUDA. yarn: always unfused (no fused kernel applies YaRN's attention scaling). auto never
+    rope/pi/llama3: fused = Transformer Engine's fused RoPE (one frequency table for all heads),
+    needs TE on CUDA. yarn: always unfused (no fused kernel applies YaRN's attention scaling). auto never
     picks the interpreter.
     """
     position = model_cfg.position
@@ -78,7 +78,7 @@ def fusion_settings(model_cfg: ModelConfig, *, cuda: bool, te: bool, kernel: str
     | persist_layer_norm           |                      | LayerNorm use them; this project uses neither         |
     On CPU everything is off: the fused kernels are CUDA (or TorchScript-on-CUDA) kernels.
     """
-    rope_fused_by_te = kernel == "fused" and model_cfg.position.kind in ("rope", "pi")
+    rope_fused_by_te = kernel == "fused" and model_cfg.position.kind in ("rope", "pi", "llama3")
     return dict(
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
