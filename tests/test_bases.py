@@ -57,7 +57,7 @@ def _cli_commands():
 
 @pytest.mark.parametrize("cmd", _cli_commands(), ids=lambda c: Path(c[-1]).name)
 def test_cli_paper_json_prints_table2_exactly(cmd):
-    out = subprocess.run(cmd + ["--strategy", "paper-llama2-7b", "--json"], capture_output=True,
+    out = subprocess.run(cmd + ["--base-strategy", "paper-llama2-7b", "--json"], capture_output=True,
                          text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == TABLE2
@@ -80,13 +80,13 @@ def test_uniform_exact_values():
 
 
 def test_cli_uniform_json_and_table(capsys):
-    assert main(["--strategy", "uniform-desc", "--num-bases", "5", "--json"]) == 0
+    assert main(["--base-strategy", "uniform-desc", "--num-bases", "5", "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out) == [5_000_000, 4_000_000, 3_000_000, 2_000_000, 1_000_000]
-    assert main(["--strategy", "uniform", "--num-bases", "3", "--b-min", "1e6", "--b-max", "3e6"]) == 0
+    assert main(["--base-strategy", "uniform", "--num-bases", "3", "--base-min", "1e6", "--base-max", "3e6"]) == 0
     out = capsys.readouterr().out
     assert "2000000" in out and "2.00" in out and "3 bases" in out
-    assert main(["--strategy", "uniform", "--num-bases", "32", "--json"]) == 0
+    assert main(["--base-strategy", "uniform", "--num-bases", "32", "--json"]) == 0
     vals = json.loads(capsys.readouterr().out)
     assert vals == uniform_bases(1e6, 5e6, 32)  # non-integral floats round-trip exactly
 
@@ -165,7 +165,7 @@ def test_documented_overlaps_are_what_the_search_gives(capsys):
     doc = (REPO / "docs" / "base_search.md").read_text()
     for what, k in (("default", default), ("literal reading", literal), ("best grid setting", best)):
         assert re.search(rf"\*\*{k} of 31\*\*", doc), f"docs/base_search.md must report the {what} overlap"
-    assert main(["--strategy", "peak-valley", "--compare-paper"]) == 0  # what the CLI reports
+    assert main(["--base-strategy", "peak-valley", "--compare-paper"]) == 0  # what the CLI reports
     assert f"overlap with Table 2: {default}/31" in capsys.readouterr().out
 
 
@@ -179,9 +179,9 @@ def test_overlap_with_paper():
 
 
 def test_cli_compare_paper(capsys):
-    assert main(["--strategy", "paper-llama2-7b", "--compare-paper"]) == 0
+    assert main(["--base-strategy", "paper-llama2-7b", "--compare-paper"]) == 0
     assert "overlap with Table 2: 31/31" in capsys.readouterr().out
-    assert main(["--strategy", "uniform", "--num-bases", "5", "--json", "--compare-paper"]) == 0
+    assert main(["--base-strategy", "uniform", "--num-bases", "5", "--json", "--compare-paper"]) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out) == [1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000]
     assert "overlap with Table 2: 0/31" in cap.err
@@ -286,39 +286,135 @@ def test_validate_bases_ok():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--strategy", "uniform", "--b-min", "5e6", "--b-max", "1e6"], "--b-min"),
-    (["--strategy", "peak-valley", "--stride", "0"], "--stride"),
-    (["--strategy", "peak-valley", "--stride", "-5"], "--stride"),
-    (["--strategy", "uniform", "--b-min", "1"], "--b-min"),
-    (["--strategy", "peak-valley", "--stride", "1e6"], "--num-bases"),
-    (["--strategy", "paper-llama2-7b", "--num-bases", "8"], "--num-bases"),
-    (["--strategy", "file"], "--file"),
-    (["--strategy", "uniform", "--window", "1", "100"], "--window"),
-    (["--strategy", "peak-valley", "--head-dim", "7"], "--head-dim"),
-    (["--strategy", "uniform", "--b-min", "abc"], "--b-min"),
+    (["--base-strategy", "uniform", "--base-min", "5e6", "--base-max", "1e6"], "--base-min"),
+    (["--base-strategy", "peak-valley", "--base-stride", "0"], "--base-stride"),
+    (["--base-strategy", "peak-valley", "--base-stride", "-5"], "--base-stride"),
+    (["--base-strategy", "uniform", "--base-min", "1"], "--base-min"),
+    (["--base-strategy", "peak-valley", "--base-stride", "1e6"], "--num-bases"),
+    (["--base-strategy", "paper-llama2-7b", "--num-bases", "8"], "--num-bases"),
+    (["--base-strategy", "file"], "--bases-file"),
+    (["--base-strategy", "uniform", "--bases-file", "b.json"], "--bases-file"),
+    (["--base-strategy", "uniform", "--window", "1", "100"], "--window"),
+    (["--base-strategy", "peak-valley", "--head-dim", "7"], "--head-dim"),
+    (["--base-strategy", "uniform", "--base-min", "abc"], "--base-min"),
+    (["--base-strategy", "bogus"], "--base-strategy"),
+    ([], "--base-strategy"),
+    (["--base-strategy", "uniform", "--plot", "/nonexistent-dir/x.png"], "--plot"),
+    # the earlier spellings: the same checks; a message from the library names the flag's current name
+    (["--strategy", "uniform", "--b-min", "5e6", "--b-max", "1e6"], "--base-min"),
+    (["--strategy", "peak-valley", "--stride", "0"], "--base-stride"),
+    (["--strategy", "uniform", "--b-min", "abc"], "--b-min"),   # argparse names what was typed
     (["--strategy", "bogus"], "--strategy"),
-    ([], "--strategy"),
-    (["--strategy", "uniform", "--plot", "/nonexistent-dir/x.png"], "--plot"),
+    (["--strategy", "file"], "--bases-file"),
 ])
 def test_cli_rejects_bad_arguments(capsys, argv, flag):
     assert main(argv) == 2
     cap = capsys.readouterr()
     assert flag in cap.err and "error" in cap.err
     assert "Traceback" not in cap.err and cap.out == ""
+    assert len([line for line in cap.err.splitlines() if "error:" in line]) == 1
+
+
+@pytest.mark.parametrize("new, old", [
+    (["--base-strategy", "uniform", "--base-min", "1e6", "--base-max", "3e6", "--num-bases", "3"],
+     ["--strategy", "uniform", "--b-min", "1e6", "--b-max", "3e6", "--num-bases", "3"]),
+    (["--base-strategy", "peak-valley", "--base-min", "1e6", "--base-max", "2e6", "--base-stride", "50000",
+      "--num-bases", "4"],
+     ["--strategy", "peak-valley", "--b-min", "1e6", "--b-max", "2e6", "--stride", "50000", "--num-bases", "4"]),
+])
+def test_cli_flags_named_as_harpe_convert_and_the_old_spellings(capsys, new, old):
+    """--base-strategy/--base-min/--base-max/--base-stride/--bases-file as harpe-convert and the config keys
+    name them; --strategy/--b-min/--b-max/--stride/--file still work, hidden from --help."""
+    assert main(new + ["--json"]) == 0
+    by_new = json.loads(capsys.readouterr().out)
+    assert main(old + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_new
+    mixed = [new[0], new[1]] + old[2:]
+    assert main(mixed + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_new
+
+
+def test_cli_bases_file_old_and_new_flag(tmp_path, capsys):
+    f = tmp_path / "b.json"
+    f.write_text("[3e6, 1e6]")
+    for argv in (["--base-strategy", "file", "--bases-file", str(f)], ["--strategy", "file", "--file", str(f)]):
+        assert main(argv + ["--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == [3_000_000, 1_000_000]
+
+
+def test_cli_help_shows_the_new_names_only(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--base-strategy", "--base-min", "--base-max", "--base-stride", "--bases-file", "--debug",
+                 "--verbose"):
+        assert flag in out
+    for old in ("--strategy", "--b-min", "--b-max", "--stride", "--file"):
+        assert re.search(rf"(?<![-\w]){re.escape(old)}\b", out) is None, old
+
+
+def test_cli_debug_adds_the_traceback(capsys, monkeypatch):
+    monkeypatch.delenv("HARPE_DEBUG", raising=False)
+    argv = ["--base-strategy", "uniform", "--base-min", "5e6", "--base-max", "1e6"]
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "--base-min must be smaller" in err and "Traceback" in err
+    monkeypatch.setenv("HARPE_DEBUG", "1")
+    assert main(argv) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_validate_bases_hint_names_the_callers_own_keys():
+    """validate_bases is shared by the config layer and the library: its count message names no flag of
+    any tool unless the caller gives a hint."""
+    with pytest.raises(ValueError) as exc:
+        validate_bases([1e6] * 3, num_groups=4)
+    assert "give exactly 4 bases" in str(exc.value) and "--" not in str(exc.value)
+    with pytest.raises(ValueError, match="3 bases but the model has 4 K/V groups.*set it right here"):
+        validate_bases([1e6] * 3, num_groups=4, hint="set it right here")
+
+
+def test_config_error_names_config_keys_not_cli_flags():
+    from megatron_harpe.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.position.kind=harpe", "model.position.bases=[2,3,4]"])
+    message = str(exc.value)
+    assert "model.position.bases" in message and "model.num_query_groups" in message
+    assert "--num-bases" not in message and "--" not in message
 
 
 def test_cli_rejects_bad_file(tmp_path, capsys):
     f = tmp_path / "bad.json"
     f.write_text("[1e6, ")
-    assert main(["--strategy", "file", "--file", str(f)]) == 2
+    assert main(["--base-strategy", "file", "--bases-file", str(f)]) == 2
     err = capsys.readouterr().err
-    assert "bad.json" in err and "not valid JSON" in err
+    assert "bad.json" in err and "not valid JSON" in err and "Traceback" not in err
+    assert main(["--base-strategy", "file", "--bases-file", str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.json" in err and "does not exist" in err and "Traceback" not in err
+    f.write_text("[1e6, 0.5]")
+    assert main(["--base-strategy", "file", "--bases-file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "must be > 1" in err and "Traceback" not in err
+
+
+def test_cli_plot_failure_leaves_no_file(tmp_path, capsys):
+    target = tmp_path / "ro"
+    target.mkdir()
+    png = target / "x.png"
+    (target / "x.png").mkdir()  # a directory where the PNG should go: the rename fails
+    assert main(["--base-strategy", "uniform", "--num-bases", "4", "--plot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and "x.png" in err and "Traceback" not in err
+    assert sorted(os.listdir(target)) == ["x.png"] and os.path.isdir(png)  # no temp file left
 
 
 def test_cli_file_strategy_keeps_file_order(tmp_path, capsys):
     f = tmp_path / "b.json"
     f.write_text("[3e6, 1e6, 2.5e6]")
-    assert main(["--strategy", "file", "--file", str(f), "--json"]) == 0
+    assert main(["--base-strategy", "file", "--bases-file", str(f), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [3_000_000, 1_000_000, 2_500_000]
 
 
@@ -327,14 +423,14 @@ def test_cli_file_strategy_keeps_file_order(tmp_path, capsys):
 
 def test_cli_plot_writes_png(tmp_path, capsys):
     png = tmp_path / "bases.png"
-    assert main(["--strategy", "peak-valley", "--num-bases", "6", "--plot", str(png),
+    assert main(["--base-strategy", "peak-valley", "--num-bases", "6", "--plot", str(png),
                  "--compare-paper"]) == 0
     data = png.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
     assert sorted(os.listdir(tmp_path)) == ["bases.png"]  # no temp file left behind
     assert "overlap with Table 2" in capsys.readouterr().out
     png2 = tmp_path / "uniform.png"
-    assert main(["--strategy", "uniform", "--num-bases", "4", "--window", "1000", "1100",
+    assert main(["--base-strategy", "uniform", "--num-bases", "4", "--window", "1000", "1100",
                  "--plot", str(png2), "--json"]) == 0
     assert png2.read_bytes().startswith(PNG_SIGNATURE)
     assert json.loads(capsys.readouterr().out) == uniform_bases(1e6, 5e6, 4)

@@ -294,3 +294,137 @@ def test_sigterm_handling_is_scoped_to_the_tool_and_its_own_process():
             time.sleep(5)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called the tool in-process
+
+
+# ----------------------------------------------------------------------------- the error contract, as a user meets it
+#
+# Run as commands (a subprocess each): what the terminal shows, worker processes included. Every bad
+# input: exit code 2, one message naming the input, no traceback, no output (files or directories).
+
+def _cli(module: str, *argv, env=None):
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _assert_one_clean_error(rc, err, *names):
+    assert rc == 2, err
+    assert "Traceback" not in err and "RemoteTraceback" not in err, err
+    assert len([line for line in err.splitlines() if ": error:" in line]) == 1, err
+    for name in names:
+        assert str(name) in err, (name, err)
+
+
+BAD_DATA = {  # case -> (lines of the input, what the message says)
+    "non-string text": ([GOOD[0], {"text": 42}, GOOD[1]], ":2: key 'text' holds an int, not a string"),
+    "null text": ([GOOD[0], {"text": None}], ":2: key 'text' holds a NoneType, not a string"),
+    "list text": ([{"text": ["a", "b"]}], ":1: key 'text' holds a list, not a string"),
+    "lone surrogate": ([GOOD[0], '{"text": "bad \\ud800 half"}'], ":2: key 'text' holds a lone surrogate"),
+    "malformed JSON": ([GOOD[0], '{"text": "unterminated'], ":2: malformed JSON"),
+    "not an object": ([GOOD[0], "[1, 2]"], ":2: a JSON list, not an object"),
+    "missing key": ([GOOD[0], {"body": "x"}], ":2: no key 'text'"),
+    "invalid UTF-8": ([GOOD[0], b'{"text": "caf\xe9"}'], ":2: invalid UTF-8"),
+    "empty file": ([], "no documents in"),
+    "only empty documents": ([{"text": ""}, "", "  "], "no documents in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_preprocess_bad_data_with_workers_is_one_message(tmp_path, spm_model, case):
+    """--workers 2: a bad line found in a worker process reaches the user as the one message (issue 13: the
+    right message used to come after a worker's traceback)."""
+    lines, message = BAD_DATA[case]
+    inp = _write(tmp_path / "in.jsonl", lines)
+    out_dir = tmp_path / "new" / "sub"
+    rc, out, err = _cli("megatron_harpe.data.preprocess", "--input", inp, "--tokenizer-type", "sentencepiece",
+                        "--tokenizer-model", spm_model, "--output-prefix", out_dir / "p", "--workers", 2,
+                        "--no-progress")
+    _assert_one_clean_error(rc, err, inp, message)
+    assert out == "" and not (tmp_path / "new").exists()  # not even the output directory
+
+
+def test_preprocess_lone_surrogate_can_be_replaced_or_skipped(tmp_path, capsys, spm_model):
+    inp = _write(tmp_path / "in.jsonl", [GOOD[0], '{"text": "bad \\ud800 half"}'])
+    rc, out, _ = _run(capsys, spm_model, inp, tmp_path / "r", "--replace-invalid-utf8")
+    assert rc == 0 and "2 documents" in out
+    tok = load_tokenizer("sentencepiece", spm_model)
+    assert tok.decode(_doc(tmp_path / "r_text_document", 1)) == "bad \ufffd half"
+    rc, out, _ = _run(capsys, spm_model, inp, tmp_path / "s", "--skip-bad-lines")
+    assert rc == 0 and "1 documents" in out and "(1 invalid UTF-8)" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "-1"], "--workers -1"),
+    (["--block-mb", "0"], "--block-mb 0"),
+    (["--log-interval", "0"], "--log-interval 0"),
+    (["--workers", "two"], "--workers"),
+])
+def test_preprocess_bad_runtime_flags(tmp_path, spm_model, flags, message):
+    inp = _write(tmp_path / "in.jsonl", GOOD)
+    rc, _, err = _cli("megatron_harpe.data.preprocess", "--input", inp, "--tokenizer-type", "sentencepiece",
+                      "--tokenizer-model", spm_model, "--output-prefix", tmp_path / "new" / "p", *flags)
+    _assert_one_clean_error(rc, err, message)
+    assert not (tmp_path / "new").exists()
+
+
+def test_debug_and_verbose_are_the_contracts_flags(tmp_path, spm_model):
+    inp = _write(tmp_path / "in.jsonl", [GOOD[0], {"text": 42}])
+    base = ["--input", inp, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm_model,
+            "--output-prefix", tmp_path / "o", "--workers", 2, "--no-progress"]
+    rc, _, err = _cli("megatron_harpe.data.preprocess", *base, "--debug")
+    assert rc == 2 and "holds an int" in err and "Traceback" in err
+    rc, _, err = _cli("megatron_harpe.data.preprocess", *base, env={"HARPE_DEBUG": "1"})
+    assert rc == 2 and "Traceback" in err
+    rc, _, err = _cli("megatron_harpe.data.preprocess", *base, "--verbose")
+    _assert_one_clean_error(rc, err, "holds an int")
+    for module in ("megatron_harpe.data.preprocess", "megatron_harpe.data.upsample", "megatron_harpe.data.merge",
+                   "megatron_harpe.data.train_tokenizer"):
+        rc, out, _ = _cli(module, "--help")
+        assert rc == 0 and "--debug" in out and "--verbose" in out and "HARPE_DEBUG" in out, module
+
+
+UPSAMPLE_BAD = {  # case -> (lines, extra flags, what the message says (input named when it is about data))
+    "non-string text": ([{"text": "a b c", "source": "x"}, {"text": 7, "source": "y"}], ["--source-key", "source"],
+                        ":2: key 'text' holds an int, not a string"),
+    "source holds a dict": ([{"text": "a b c", "source": "x"}, {"text": "d", "source": {"n": 1}}],
+                            ["--source-key", "source"], ":2: source key 'source' holds a dict"),
+    "lone surrogate in the source": (['{"text": "a b c", "source": "x\\udc00"}'], ["--source-key", "source"],
+                                     ":1: source key 'source' holds a lone surrogate"),
+    "lone surrogate in the text": (['{"text": "a \\ud800 c", "source": "x"}'], ["--source-key", "source"],
+                                   ":1: key 'text' holds a lone surrogate"),
+    "empty input": ([], [], "no documents in"),
+    "a source keeps nothing": ([{"text": "a b c", "source": "x"}, {"text": "g h i", "source": "y"}],
+                               ["--source-key", "source", "--keep-prob", "0"], "keeps no document"),
+    "fewer tokens than one sequence": ([{"text": "a b c"}], ["--seq-length", "100000", "--keep-prob", "1"],
+                                       "fewer than one sequence"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPSAMPLE_BAD))
+def test_upsample_bad_data_with_workers_is_one_message(tmp_path, spm_model, case):
+    lines, flags, message = UPSAMPLE_BAD[case]
+    inp = _write(tmp_path / "in.jsonl", lines)
+    flags = flags if "--seq-length" in flags else ["--seq-length", "4", *flags]
+    rc, out, err = _cli("megatron_harpe.data.upsample", "--input", inp, "--tokenizer-type", "sentencepiece",
+                        "--tokenizer-model", spm_model, "--output-prefix", tmp_path / "new" / "u", "--workers", 2,
+                        "--no-progress", *flags)
+    _assert_one_clean_error(rc, err, message, *([inp] if message.startswith(":") or "no documents" in message
+                                                 else []))
+    assert out == "" and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-prob", "2"], "--keep-prob 2"),
+    (["--target-tokens", "0"], "--target-tokens 0"),
+    (["--short-threshold", "-1"], "--short-threshold -1"),
+    (["--workers", "-1"], "--workers -1"),
+    (["--seq-length", "1"], "--seq-length"),
+    (["--target-tokens", "lots"], "--target-tokens"),
+])
+def test_upsample_bad_flags_fail_before_any_work(tmp_path, spm_model, flags, message):
+    inp = _write(tmp_path / "in.jsonl", GOOD)
+    base = ["--input", inp, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm_model,
+            "--output-prefix", tmp_path / "new" / "u", "--seq-length", "4"]
+    rc, _, err = _cli("megatron_harpe.data.upsample", *base, *flags)
+    _assert_one_clean_error(rc, err, message)
+    assert not (tmp_path / "new").exists()

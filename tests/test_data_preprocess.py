@@ -57,7 +57,9 @@ def test_round_trip_through_megatron_indexed_dataset(tmp_path, capsys, corpus_js
     assert out.startswith("harpe-preprocess: done: 400 documents, ")
     n_tokens = sum(len(tok.encode(r["text"])) + 1 for r in recs)
     assert f"{n_tokens:,} tokens, 0 bad lines" in out and "docs/s" in out and "tokens/s" in out
-    assert f"--data-path {prefix}_text_document" in err
+    # how to train on it, in harpe-train's own words (config keys; harpe-train has no --data-path)
+    assert f"data.kind=indexed 'data.blend=[{prefix}_text_document]' data.tokenizer_model={model}" in err
+    assert "--data-path" not in err
     assert check_indexed_dataset(f"{prefix}_text_document")["tokens"] == n_tokens
     assert not list(tmp_path.glob("*incomplete*"))
 
@@ -197,3 +199,22 @@ def test_benchmark_script_runs(tmp_path):
     assert "ours tok/s" in proc.stdout
     row = json.loads(out.read_text())["results"][0]
     assert row["tokenizer"] == "sentencepiece" and row["ours"]["tokens_per_s"] > 0 and "megatron" not in row
+
+
+def test_the_printed_training_hint_is_what_harpe_train_accepts(tmp_path, capsys, corpus_jsonl, spm_model):
+    """issue 13: the tools said "train with --data-path ...", which harpe-train rejects; the hint now gives
+    harpe-train's config keys, and the config loader takes them as printed."""
+    import shlex
+
+    from megatron_harpe.config.loader import load_config
+    from megatron_harpe.config.schema import parse_blend
+
+    prefix = tmp_path / "out"
+    rc, _, err = _run(capsys, "--input", corpus_jsonl, "--tokenizer-type", "sentencepiece", "--tokenizer-model",
+                      spm_model, "--output-prefix", prefix, "--workers", 0, "--no-progress")
+    assert rc == 0, err
+    hint = next(line for line in err.splitlines() if "train on it with: harpe-train" in line)
+    overrides = shlex.split(hint.split("--config CONFIG.yaml", 1)[1])
+    cfg = load_config(None, overrides)
+    assert cfg.data.kind == "indexed" and parse_blend(cfg.data.blend)[0] == [f"{prefix}_text_document"]
+    assert cfg.data.tokenizer_model == spm_model

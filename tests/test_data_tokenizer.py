@@ -5,14 +5,15 @@ import json
 import os
 import pickle
 import random
+import re
 
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 
 from megatron_harpe.data import train_tokenizer
-from megatron_harpe.data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer, TokenizerError,
-                                           load_tokenizer, token_dtype)
+from megatron_harpe.data.tokenizer import (DATA_TOOL_SETTINGS, HuggingFaceTokenizer, SentencePieceTokenizer,
+                                           TokenizerError, load_tokenizer, token_dtype)
 from tests.data_fixtures import *  # noqa: F401,F403
 
 TRICKY = ["", " ", "  ", "a", "a ", " a", "a  b", "a   b  ", "\n", "x\ny", "\t tab\t", "end.  ",
@@ -134,9 +135,21 @@ def test_missing_and_bad_tokenizers(tmp_path, spm_model, hf_tokenizer_dir):
         load_tokenizer("huggingface", str(garbage))
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_tokenizer("huggingface", str(tmp_path))
-    # a tokenizer.json handed to the sentencepiece loader says what to do instead
-    with pytest.raises(TokenizerError, match="--tokenizer-type huggingface"):
-        load_tokenizer("sentencepiece", os.path.join(hf_tokenizer_dir, "tokenizer.json"))
+    # a tokenizer.json handed to the sentencepiece loader says what to do instead, in the words of the caller:
+    # the data tools' flags, or (harpe-train's data.tokenizer_* keys, harpe-eval) no other tool's flag
+    hf_json = os.path.join(hf_tokenizer_dir, "tokenizer.json")
+    with pytest.raises(TokenizerError, match="set --tokenizer-type to huggingface"):
+        load_tokenizer("sentencepiece", hf_json, settings=DATA_TOOL_SETTINGS)
+    with pytest.raises(TokenizerError, match="set data.tokenizer_type to huggingface"):
+        load_tokenizer("sentencepiece", hf_json, settings={"type": "data.tokenizer_type"})
+    with pytest.raises(TokenizerError) as exc:
+        load_tokenizer("sentencepiece", hf_json)
+    assert "set the tokenizer type to huggingface" in str(exc.value) and "--" not in str(exc.value)
+    with pytest.raises(TokenizerError) as exc:
+        load_tokenizer("sentencepiece", str(tmp_path / "nope.model"))
+    assert "--tokenizer-model" not in str(exc.value)
+    with pytest.raises(TokenizerError, match="set --tokenizer-model to a tokenizer.model"):
+        load_tokenizer("sentencepiece", str(tmp_path / "nope.model"), settings=DATA_TOOL_SETTINGS)
     with pytest.raises(TokenizerError, match="unknown tokenizer type"):
         load_tokenizer("wordpiece", spm_model)
 
@@ -181,3 +194,123 @@ def test_train_tokenizer_cli_errors(tmp_path, corpus_jsonl, capsys):
     bad.write_text('{"text": "ok"}\n{broken\n')
     assert train_tokenizer.main(["--input", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- harpe-train-tokenizer's bad inputs
+#
+# Each: exit code 2, one message naming the input, no traceback, and no directory left that was not there.
+
+
+def _tt(capsys, *argv):
+    rc = train_tokenizer.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface"])
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n", '{"text": ""}\n{"text": "   "}\n',
+                                     '{"text": 42}\n{"text": null}\n'],
+                         ids=["empty", "blank lines", "empty texts", "no string texts"])
+def test_train_tokenizer_no_text_is_a_clear_error_and_leaves_nothing(tmp_path, capsys, kind, content):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(content)
+    out = tmp_path / "new" / "tok"
+    rc, stdout, err = _tt(capsys, "--input", inp, "--type", kind, "--vocab-size", 500, "--output-dir", out)
+    assert rc == 2 and f"no text in {inp}" in err and "--json-keys" in err and stdout == ""
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no output directory, no staging directory
+
+
+def test_train_tokenizer_no_text_in_a_plain_text_file(tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("\n\n   \n")
+    rc, _, err = _tt(capsys, "--input", inp, "--output-dir", tmp_path / "tok")
+    assert rc == 2 and f"no text in {inp}" in err and "--json-keys" not in err
+    assert sorted(os.listdir(tmp_path)) == ["in.txt"]
+
+
+def test_train_tokenizer_vocab_size_minimum_is_what_sentencepiece_needs(tmp_path, capsys, corpus_jsonl):
+    """The fixed minimum (259 fixed pieces + at least 2 characters = 261) is checked before any input is
+    read; above it, the text decides, and the message names the exact size that then trains."""
+    rc, _, err = _tt(capsys, "--input", tmp_path / "not-read.jsonl", "--vocab-size", 260,
+                     "--output-dir", tmp_path / "o")
+    assert rc == 2 and "--vocab-size 260 is too small" in err and "259" in err and "at least 261" in err
+    tiny = tmp_path / "a.txt"
+    tiny.write_text("aaaa aaa aa a\n" * 20)  # 2 characters: the word mark and 'a'
+    rc, _, err = _tt(capsys, "--input", tiny, "--vocab-size", 261, "--output-dir", tmp_path / "t261",
+                     "--soft-vocab-limit", "--threads", 1)
+    assert rc == 0, err
+    assert load_tokenizer("sentencepiece", str(tmp_path / "t261")).vocab_size == 261
+    # issue 13: --vocab-size 280 said "needs 259 pieces" while refusing anything below 300
+    args = ["--input", corpus_jsonl, "--max-lines", 3000, "--threads", 1]
+    rc, _, err = _tt(capsys, *args, "--vocab-size", 280, "--output-dir", tmp_path / "new" / "t280")
+    need = int(re.search(r"sentencepiece needs (\d+) pieces", err).group(1))
+    assert rc == 2 and need > 280 and f"use --vocab-size {need} or more" in err
+    assert not (tmp_path / "new").exists()
+    rc, _, err = _tt(capsys, *args, "--vocab-size", need - 1, "--output-dir", tmp_path / "below")
+    assert rc == 2 and f"needs {need} pieces" in err and not (tmp_path / "below").exists()
+    rc, _, err = _tt(capsys, *args, "--vocab-size", need, "--output-dir", tmp_path / "exact")
+    assert rc == 0, err
+    assert load_tokenizer("sentencepiece", str(tmp_path / "exact")).vocab_size == need
+    # Hugging Face: 256 byte tokens + 2 specials
+    rc, _, err = _tt(capsys, "--input", corpus_jsonl, "--type", "huggingface", "--vocab-size", 257,
+                     "--output-dir", tmp_path / "hf")
+    assert rc == 2 and "at least 258" in err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("case", ["vocab too large", "output dir is a file", "max-lines 0", "bad json",
+                                  "missing input", "bad choice"])
+def test_train_tokenizer_other_bad_inputs(tmp_path, capsys, case):
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "hello world, this is a tiny text"}\n')
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    argv, message = {
+        "vocab too large": (["--input", small, "--vocab-size", 2000, "--output-dir", tmp_path / "new" / "o"],
+                            "more than this text can fill"),
+        "output dir is a file": (["--input", small, "--output-dir", a_file], f"--output-dir {a_file} is a file"),
+        "max-lines 0": (["--input", small, "--max-lines", 0, "--output-dir", tmp_path / "new" / "o"], "--max-lines 0"),
+        "bad json": (["--input", tmp_path / "bad.jsonl", "--output-dir", tmp_path / "new" / "o"],
+                     "bad.jsonl:2: not valid JSON"),
+        "missing input": (["--input", tmp_path / "nope.jsonl", "--output-dir", tmp_path / "new" / "o"],
+                          "input file not found"),
+        "bad choice": (["--input", small, "--type", "wordpiece", "--output-dir", tmp_path / "new" / "o"], "--type"),
+    }[case]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    rc, out, err = _tt(capsys, *argv)
+    assert rc == 2 and message in err and out == ""
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not (tmp_path / "new").exists() and a_file.read_text() == "x"
+
+
+def test_train_tokenizer_failure_in_an_existing_directory_leaves_it_as_it_was(tmp_path, capsys, corpus_jsonl):
+    out = tmp_path / "tok"
+    assert _tt(capsys, "--input", corpus_jsonl, "--vocab-size", 600, "--output-dir", out, "--threads", 1)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, _, err = _tt(capsys, "--input", corpus_jsonl, "--vocab-size", 280, "--output-dir", out, "--threads", 1)
+    assert rc == 2 and "too small for this text" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp files, the model untouched
+    # a run killed earlier left its staging directory: the next run replaces it
+    stale = tmp_path / ".fresh.incomplete"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    assert _tt(capsys, "--input", corpus_jsonl, "--vocab-size", 600, "--output-dir", tmp_path / "fresh",
+               "--threads", 1)[0] == 0
+    assert sorted(os.listdir(tmp_path / "fresh")) == ["tokenizer.model"] and not stale.exists()
+
+
+def test_train_tokenizer_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HARPE_DEBUG", raising=False)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    assert train_tokenizer.main(["--input", str(empty), "--output-dir", str(tmp_path / "o"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "no text in" in err and "Traceback" in err
+
+
+def test_train_tokenizer_replaces_lone_surrogates(tmp_path, capsys):
+    inp = tmp_path / "s.jsonl"
+    inp.write_text("".join('{"text": "word %d and \\ud800 half a pair"}\n' % i for i in range(50)))
+    rc, _, err = _tt(capsys, "--input", inp, "--vocab-size", 300, "--soft-vocab-limit", "--output-dir",
+                     tmp_path / "o", "--threads", 1)
+    assert rc == 0, err

@@ -103,19 +103,60 @@ def test_merge_keeps_the_order_given_and_sorts_globs(tmp_path):
     ("output_is_input", "is also an input"),
     ("glob_nothing", "matches no .bin/.idx file"),
     ("truncated", "is not a valid indexed dataset"),
+    ("garbage_idx", "is not a megatron indexed-dataset index"),
+    ("empty_pair", "is not a megatron indexed-dataset index"),
+    ("cut_idx", "cut short"),
+    ("output_is_a_directory", "is a directory"),
+    ("output_under_a_file", "cannot create the output directory"),
+    ("unknown_flag", "unrecognized arguments: --bogus"),
 ])
 def test_merge_bad_inputs_are_named(tmp_path, capsys, case, message):
+    """Exit code 2, one message naming the input, no traceback, nothing written: not even the output
+    directory (it is made only once every input has been checked)."""
     a = _dataset(tmp_path / "a", [[1, 2]])
+    bad = tmp_path / "bad"
     args = {"missing": [a, str(tmp_path / "nope")], "twice": [a, a + ".idx"],
             "dtype": [a, _dataset(tmp_path / "wide", [[70000]], np.int32)], "output_is_input": [a],
-            "glob_nothing": [str(tmp_path / "zz*")], "truncated": [a, _dataset(tmp_path / "cut", [[1, 2, 3]])]}[case]
+            "glob_nothing": [str(tmp_path / "zz*")], "truncated": [a, _dataset(tmp_path / "cut", [[1, 2, 3]])],
+            "garbage_idx": [a, str(bad)], "empty_pair": [a, str(bad)],
+            "cut_idx": [a, _dataset(tmp_path / "cutidx", [[1, 2, 3], [4]])]}.get(case, [a])
+    named = {"missing": "nope", "twice": a, "dtype": "wide", "truncated": "cut", "garbage_idx": "bad.idx",
+             "empty_pair": "bad.idx", "cut_idx": "cutidx.idx", "glob_nothing": "zz*"}.get(case, "")
     if case == "truncated":
         with open(tmp_path / "cut.bin", "r+b") as f:
             f.truncate(2)
-    out = a if case == "output_is_input" else str(tmp_path / "out")
-    assert merge_main(["--input", *args, "--output-prefix", out, "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out.idx").exists()
+    if case == "cut_idx":
+        with open(tmp_path / "cutidx.idx", "r+b") as f:
+            f.truncate(40)
+    if case == "garbage_idx":
+        (tmp_path / "bad.bin").write_bytes(b"\0" * 8)
+        (tmp_path / "bad.idx").write_bytes(os.urandom(100))
+    if case == "empty_pair":
+        (tmp_path / "bad.bin").write_bytes(b"")
+        (tmp_path / "bad.idx").write_bytes(b"")
+    (tmp_path / "afile").write_text("x")
+    out = {"output_is_input": a, "output_is_a_directory": str(tmp_path),
+           "output_under_a_file": str(tmp_path / "afile" / "sub" / "out")}.get(case, str(tmp_path / "new" / "out"))
+    extra = ["--bogus"] if case == "unknown_flag" else []
+    assert merge_main(["--input", *args, "--output-prefix", out, "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and named in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not (tmp_path / "new").exists() and not (tmp_path / "out.idx").exists()
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_merge_into_a_new_directory_and_debug(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HARPE_DEBUG", raising=False)
+    a = _dataset(tmp_path / "a", [[1, 2]])
+    b = _dataset(tmp_path / "b", [[3]])
+    out = tmp_path / "new" / "deeper" / "ab"
+    assert merge_main(["--input", a, b, "--output-prefix", str(out), "--no-progress"]) == 0
+    assert "2 datasets" in capsys.readouterr().out
+    assert sorted(os.listdir(out.parent)) == ["ab.bin", "ab.idx"]
+    assert merge_main(["--input", a, a, "--output-prefix", str(tmp_path / "x"), "--no-progress", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "is given twice" in err and "Traceback" in err
 
 
 # ------------------------------------------------------------------------------------------ runinfo

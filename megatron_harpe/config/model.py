@@ -157,7 +157,10 @@ class PositionEmbeddingConfig:
             raise ValueError("position.kind=harpe needs position.bases (a list, one per K/V group) or "
                              f"position.base_strategy ({', '.join(STRATEGIES)})")
         try:
-            bases = validate_bases(self.bases if self.bases is not None else made, num_groups=num_query_groups)
+            bases = validate_bases(self.bases if self.bases is not None else made, num_groups=num_query_groups,
+                                   hint=f"list exactly {num_query_groups} bases in model.position.bases, or set "
+                                        f"model.num_query_groups (K/V groups; default model.num_attention_heads) "
+                                        f"to their number")
         except ValueError as err:
             raise ValueError(f"position.bases: {err}") from None
         if self.bases is not None and made is not None and list(made) != bases:

@@ -3,7 +3,9 @@
 Shared by harpe-preprocess, harpe-upsample and harpe-merge-data so that every tool answers a
 bad command line, a bad input, an I/O failure, Ctrl-C or SIGTERM the same way: a message naming
 the problem, and the promise (kept by each tool's temp-name-then-rename writing) that no output
-was left behind.
+was left behind. The contract's flags are the same in every tool (``add_contract_args``):
+--debug (or HARPE_DEBUG=1) adds the traceback to a bad-input message, --verbose (or
+HARPE_VERBOSE=1) shows the upstream warnings that megatron_harpe/cli.py silences.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from typing import Callable, Sequence, Tuple, Type, TypeVar
 
-from megatron_harpe.cli import InputError
+from megatron_harpe.cli import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, InputError, debug_requested,
+                                setup_output)
 
 T = TypeVar("T")
 
@@ -28,6 +32,14 @@ class UsageErrorParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def add_contract_args(p: argparse.ArgumentParser,
+                      verbose_help: str = "show upstream warnings too (HARPE_VERBOSE=1)") -> None:
+    """--debug and --verbose, as every harpe-* command has them (megatron_harpe/cli.py)."""
+    g = p.add_argument_group("diagnostics")
+    g.add_argument("--verbose", action="store_true", help=verbose_help)
+    g.add_argument("--debug", action="store_true", help="a traceback with bad-input errors too (HARPE_DEBUG=1)")
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
@@ -71,17 +83,24 @@ def sigterm_as_interrupt():
 
 def run_reporting_errors(prog: str, work: Callable[[], T], *, usage_errors: Tuple[Type[BaseException], ...] = (),
                          data_errors: Tuple[Type[BaseException], ...] = (),
-                         interrupted: str = "no output written (incomplete files removed)") -> Tuple[int, T | None]:
-    """(0, result) on success; (2, None) for bad usage or bad input data (megatron_harpe/cli.py's contract),
-    (1, None) when writing the output failed (I/O: the machine, not the input), (130, None) on Ctrl-C."""
+                         interrupted: str = "no output written (incomplete files removed)",
+                         debug: bool = False, verbose: bool = False) -> Tuple[int, T | None]:
+    """(0, result) on success; (2, None) for bad usage or bad input data (megatron_harpe/cli.py's contract:
+    one message, its traceback only with ``debug`` or HARPE_DEBUG=1), (1, None) when writing the output
+    failed (I/O: the machine, not the input), (130, None) on Ctrl-C. Known upstream warnings are silenced
+    unless ``verbose`` or HARPE_VERBOSE=1. Any other exception is a bug: it propagates (traceback, exit 1)."""
+    setup_output(["--verbose"] if verbose else [])
     try:
         return 0, work()
     except (InputError, *usage_errors, *data_errors) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2, None
+        # one process, one message: no per-node de-duplication (a script may run the tool twice in one step)
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        if debug or debug_requested():
+            traceback.print_exception(err, file=sys.stderr)
+        return EXIT_BAD_INPUT, None
     except OSError as err:
         print(f"{prog}: error: {err.strerror or err}: {err.filename or ''} (no output written)", file=sys.stderr)
-        return 1, None
+        return EXIT_INTERNAL, None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
-        return 130, None
+        return EXIT_INTERRUPTED, None

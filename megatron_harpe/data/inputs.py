@@ -1,6 +1,7 @@
 """Input files: glob expansion, plain/gzip opening, and the errors that name the file and the fix."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import os
@@ -8,7 +9,7 @@ from typing import Iterable
 
 from megatron_harpe.cli import InputError
 
-__all__ = ["DataError", "expand_inputs", "open_binary", "get_field", "check_output_prefix"]
+__all__ = ["DataError", "expand_inputs", "open_binary", "get_field", "check_output_prefix", "output_directory"]
 
 
 class DataError(InputError):
@@ -71,18 +72,56 @@ def get_field(record, dotted: str):
     return value
 
 
+def _missing_directories(directory: str) -> list[str]:
+    """The directories that creating ``directory`` would make, outermost first; a DataError when an
+    ancestor is a file or the nearest existing one is not writable (checked before any work)."""
+    missing = []
+    d = os.path.abspath(directory)
+    while not os.path.isdir(d):
+        if os.path.lexists(d):
+            raise DataError(f"cannot create the output directory {directory}: {d} is a file, not a directory")
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    if not os.access(d, os.W_OK | os.X_OK):
+        where = f"output directory is not writable: {d}" if not missing else \
+            f"cannot create the output directory {directory}: {d} is not writable"
+        raise DataError(f"{where} (choose another output path or fix its permissions)")
+    return missing[::-1]
+
+
 def check_output_prefix(prefix: str) -> None:
-    """Fail early, before any work, when the output cannot be written."""
+    """Fail early, before any work, when the output cannot be written. Creates nothing: the directory
+    is made by ``output_directory`` when the output is written, and removed again if that fails."""
     if not prefix:
         raise DataError("no --output-prefix given")
-    directory = os.path.dirname(os.path.abspath(prefix))
     if os.path.isdir(prefix):
         raise DataError(f"--output-prefix {prefix} is a directory; give a prefix such as {prefix}/data")
-    if not os.path.isdir(directory):
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"cannot create the output directory {directory}: {e.strerror}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise DataError(f"output directory is not writable: {directory} (choose another --output-prefix "
-                        f"or fix its permissions)")
+    _missing_directories(os.path.dirname(prefix) or ".")
+
+
+@contextlib.contextmanager
+def output_directory(directory: str):
+    """Make ``directory`` (and missing parents) for the body; if the body fails, remove the
+    directories made here again (when empty: whatever else came to be in them is kept), so a failed
+    or interrupted run leaves no directory that did not exist before."""
+    made = []
+    try:
+        for d in _missing_directories(directory):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise DataError(f"cannot create the output directory {directory}: {e.strerror}") from None
+            made.append(d)
+        yield directory
+    except BaseException:
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise

@@ -26,7 +26,9 @@ import time
 
 from megatron_harpe.cli import InputError
 from megatron_harpe.data.indexed import check_indexed_dataset, read_index, remove_incomplete
-from megatron_harpe.data.cli_errors import run_reporting_errors
+from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, add_contract_args, parse_command_line,
+                                            run_reporting_errors, sigterm_as_interrupt)
+from megatron_harpe.data.inputs import DataError, check_output_prefix, output_directory
 
 PROG = "harpe-merge-data"
 
@@ -74,13 +76,7 @@ def merge_datasets(inputs: list[str], output_prefix: str, progress: bool = False
     out_abs = os.path.abspath(output_prefix)
     if out_abs in {os.path.abspath(p) for p in prefixes}:
         raise MergeError(f"--output-prefix {output_prefix} is also an input")
-    out_dir = os.path.dirname(out_abs)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise MergeError(f"cannot create the output directory {out_dir}: {e.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise MergeError(f"the output directory {out_dir} is not writable")
+    check_output_prefix(output_prefix)  # creates nothing: the directory is made only to write the output
     dtype, counts = None, []
     for p in prefixes:
         try:
@@ -96,6 +92,17 @@ def merge_datasets(inputs: list[str], output_prefix: str, progress: bool = False
 
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    with output_directory(os.path.dirname(out_abs)):
+        _write_merged(IndexedDatasetBuilder, prefixes, output_prefix, dtype, progress)
+    result = check_indexed_dataset(output_prefix)
+    expected = {k: sum(c[k] for c in counts) for k in ("sequences", "documents", "tokens")}
+    if any(result[k] != expected[k] for k in expected):
+        raise MergeError(f"merged {output_prefix} has {result} but the inputs add up to {expected}")
+    return {**result, "inputs": len(prefixes), "output": output_prefix, "seconds": time.monotonic() - started}
+
+
+def _write_merged(IndexedDatasetBuilder, prefixes: list[str], output_prefix: str, dtype, progress: bool) -> None:
+    """megatron-core's builder into incomplete files, renamed into place at the end (removed on failure)."""
     remove_incomplete(output_prefix)
     suffix = f".incomplete-{os.getpid()}"
     tmp_bin, tmp_idx = output_prefix + ".bin" + suffix, output_prefix + ".idx" + suffix
@@ -125,29 +132,28 @@ def merge_datasets(inputs: list[str], output_prefix: str, progress: bool = False
             if os.path.exists(path):
                 os.remove(path)
         raise
-    result = check_indexed_dataset(output_prefix)
-    expected = {k: sum(c[k] for c in counts) for k in ("sequences", "documents", "tokens")}
-    if any(result[k] != expected[k] for k in expected):
-        raise MergeError(f"merged {output_prefix} has {result} but the inputs add up to {expected}")
-    return {**result, "inputs": len(prefixes), "output": output_prefix, "seconds": time.monotonic() - started}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = UsageErrorParser(prog=PROG, description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--input", nargs="+", required=True,
                    help="dataset prefixes, .bin/.idx paths or globs, merged in this order (globs sorted)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_contract_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code, s = run_reporting_errors(PROG, lambda: merge_datasets(args.input, args.output_prefix,
-                                                                progress=not args.no_progress),
-                                   data_errors=(MergeError,), interrupted="no output written")
+    args = parse_command_line(build_parser(), argv, "--input PREFIX [PREFIX ...] --output-prefix PREFIX [options]")
+    if args is None:
+        return 2
+    with sigterm_as_interrupt():
+        code, s = run_reporting_errors(PROG, lambda: merge_datasets(args.input, args.output_prefix,
+                                                                    progress=not args.no_progress),
+                                       usage_errors=(UsageError,), data_errors=(MergeError, DataError),
+                                       interrupted="no output written", debug=args.debug, verbose=args.verbose)
     if code:
         return code
     print(f"{PROG}: done: {s['inputs']} datasets -> {s['output']}.bin/.idx: {s['documents']:,} documents, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ __all__ = ["EncodeOptions", "ChunkResult", "BadLine", "run_pipeline", "Progress"
 
 BLOCK_BYTES = 4 << 20
 MAX_BAD_REPORTED = 20
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins escaped pairs; what is left is alone
 
 
 @dataclass
@@ -92,6 +94,7 @@ _STATE: dict = {}
 def _worker_init(options: EncodeOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the main process handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate ends a worker; never the parent's handler
+    _unblock(_FORK_SIGNALS)  # blocked across the fork (run_pipeline): a SIGTERM sent meanwhile ends us here
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker = one core
     _worker_init_inline(options)
 
@@ -134,7 +137,9 @@ def _parse_block(data: bytes, start_line: int, opt: EncodeOptions, res: ChunkRes
         rec = _parse_object(raw, lineno, opt.replace_invalid_utf8, res)
         if rec is None:
             continue
-        texts = _texts_of(rec, lineno, opt.json_keys, res)
+        # a surrogate can only come from a JSON escape (as UTF-8 bytes it fails to decode): look for one only then
+        escaped = b"\\ud" in raw or b"\\uD" in raw
+        texts = _texts_of(rec, lineno, opt.json_keys, res, opt.replace_invalid_utf8, escaped)
         if texts is None:
             continue
         src = None
@@ -172,7 +177,8 @@ def _parse_object(raw: bytes, lineno: int, replace_invalid_utf8: bool, res: Chun
     return rec
 
 
-def _texts_of(rec: dict, lineno: int, keys: list[str], res: ChunkResult) -> list[str] | None:
+def _texts_of(rec: dict, lineno: int, keys: list[str], res: ChunkResult, replace_invalid_utf8: bool = False,
+              check_surrogates: bool = True) -> list[str] | None:
     """The string of every key, or None for a bad line (counted)."""
     texts = []
     for key in keys:
@@ -182,8 +188,21 @@ def _texts_of(rec: dict, lineno: int, keys: list[str], res: ChunkResult) -> list
             res.add_bad(lineno, "missing key", f"no key {key!r} (keys: {sorted(rec)[:8]}); choose it with --json-keys")
             return None
         if not isinstance(value, str):
-            res.add_bad(lineno, "not a string", f"key {key!r} holds a {type(value).__name__}, not a string")
+            name = type(value).__name__
+            res.add_bad(lineno, "not a string",
+                        f"key {key!r} holds {'an' if name[0] in 'aeiou' else 'a'} {name}, not a string")
             return None
+        m = _LONE_SURROGATE.search(value) if check_surrogates else None
+        if m is not None:
+            # JSON may escape half of a UTF-16 pair ("\ud800"): no tokenizer can encode that
+            if not replace_invalid_utf8:
+                res.add_bad(lineno, "invalid UTF-8",
+                            f"key {key!r} holds a lone surrogate \\u{ord(m.group()):04x} (at character "
+                            f"{m.start() + 1}), which is not Unicode text; fix the encoding, or pass "
+                            f"--replace-invalid-utf8 to replace it with U+FFFD")
+                return None
+            value = _LONE_SURROGATE.sub("\ufffd", value)
+            res.replaced_utf8 += 1
         texts.append(value)
     return texts
 
@@ -196,7 +215,10 @@ def _source_of(rec: dict, lineno: int, source_key: str, res: ChunkResult) -> str
         res.add_bad(lineno, "missing source", f"no source key {source_key!r}; choose it with --source-key")
         return None
     if not isinstance(src, (str, int)):
-        res.add_bad(lineno, "bad source", f"source key {source_key!r} holds a {type(src).__name__}")
+        res.add_bad(lineno, "bad source", f"source key {source_key!r} holds a {type(src).__name__}, not a name")
+        return None
+    if isinstance(src, str) and _LONE_SURROGATE.search(src):
+        res.add_bad(lineno, "bad source", f"source key {source_key!r} holds a lone surrogate (not Unicode text)")
         return None
     return src
 
@@ -365,9 +387,20 @@ def run_pipeline(files: list[str], options: EncodeOptions, workers: int,
     # when an input blocks (a FIFO, a slow network file).
     in_flight = 2 * workers + 2
     method = "fork" if sys.platform.startswith("linux") else None
-    pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(options,))
+    # SIGTERM/SIGINT are blocked while the workers are forked, and each worker unblocks them once its
+    # own handling is set (_worker_init). Otherwise a worker that the scheduler has not run yet when
+    # Pool.terminate() signals it (a tiny input whose first block is bad, on a loaded machine) can lose
+    # the signal: CPython drops a Python-level signal that arrives before its after-fork reset, the
+    # worker then waits for a task forever, and terminate() waits for the worker (seen: a hang).
+    previous_mask = _block(_FORK_SIGNALS)
+    try:
+        pool = mp.get_context(method).Pool(workers, initializer=_worker_init, initargs=(options,))
+    except BaseException:
+        _restore(previous_mask)
+        raise
     pending: deque = deque()
     try:
+        _restore(previous_mask)  # a signal that came meanwhile is raised here, and the pool terminated below
         exhausted = False
         while True:
             while not exhausted and len(pending) < in_flight:
@@ -386,6 +419,26 @@ def run_pipeline(files: list[str], options: EncodeOptions, workers: int,
         raise
     finally:
         pool.join()
+
+
+_FORK_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _block(signals) -> set | None:
+    """Block ``signals`` in this thread (inherited by the processes it forks); the previous mask."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+
+def _unblock(signals) -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+def _restore(mask: set | None) -> None:
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _worker_init_inline(options: EncodeOptions) -> None:

@@ -4,8 +4,9 @@
         --tokenizer-model llama2/tokenizer.model --output-prefix out/slimpj --workers 16 --append-eod
 
 writes ``out/slimpj_text_document.bin/.idx`` (one pair per ``--json-keys`` key, named as
-Megatron-LM's tools/preprocess_data.py names them); train with ``--data-path
-out/slimpj_text_document``. The flags that Megatron-LM's tool also has mean the same here.
+Megatron-LM's tools/preprocess_data.py names them); train on it with harpe-train's config keys
+``data.kind=indexed 'data.blend=[out/slimpj_text_document]'``. The flags that Megatron-LM's tool
+also has mean the same here.
 Token ids are exactly the tokenizer's own ``encode(text)`` (no BOS unless
 ``--prepend-bos``; EOD after each document with ``--append-eod``).
 """
@@ -17,11 +18,11 @@ import sys
 import time
 
 from megatron_harpe.data.indexed import IndexedDatasetWriter
-from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs
+from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs, output_directory
 from megatron_harpe.data.jsonio import write_json_atomic
 from megatron_harpe.data.pipeline import BadLine, ChunkResult, EncodeOptions, Progress, run_pipeline
-from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
-from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, sigterm_as_interrupt,
+from megatron_harpe.data.tokenizer import DATA_TOOL_SETTINGS, TokenizerError, load_tokenizer, token_dtype
+from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, add_contract_args, sigterm_as_interrupt,
                                             parse_command_line, run_reporting_errors)
 
 PROG = "harpe-preprocess"
@@ -66,6 +67,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="documents between progress lines when stderr is not a terminal")
     g.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     g.add_argument("--block-mb", type=float, default=4.0, help="MB of input per work item")
+    add_contract_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,24 +150,22 @@ def output_paths(prefix: str, keys: list[str]) -> dict[str, str]:
     return {k: f"{prefix}_{k.replace('.', '_').replace('/', '_')}_document" for k in keys}
 
 
-def preprocess(args) -> dict:
-    files = expand_inputs(args.input)
-    keys = list(dict.fromkeys(args.json_keys))
-    check_output_prefix(args.output_prefix)
-    tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token)
-    if args.prepend_bos and tok.bos is None:
-        raise DataError(f"--prepend-bos: the tokenizer {args.tokenizer_model} has no BOS token")
+def check_runtime_args(args) -> None:
+    """The runtime flags' values, before any input is read."""
     if args.workers < 0:
-        raise UsageError("--workers must be >= 0")
-    dtype = token_dtype(tok.vocab_size)
-    prefixes = output_paths(args.output_prefix, keys)
-    tally = Tally(files, args.skip_bad_lines, keys)
-    total_bytes = sum(os.path.getsize(f) for f in files)
-    progress = Progress(total_bytes, args.log_interval, enabled=not args.no_progress, prog=PROG)
-    writers = {}
-    start = time.time()
+        raise UsageError(f"--workers {args.workers}: give 0 (tokenize in the main process) or more")
+    if not args.block_mb > 0:
+        raise UsageError(f"--block-mb {args.block_mb}: give a positive size in MB, e.g. 4")
+    if args.log_interval < 1:
+        raise UsageError(f"--log-interval {args.log_interval}: give a number of documents >= 1")
+
+
+def _tokenize_and_write(files: list[str], keys: list[str], prefixes: dict, dtype, args, tally: Tally,
+                        progress: Progress, writers: dict) -> None:
+    """Tokenize ``files`` into one incomplete pair per key and commit them; on any failure the
+    incomplete files are removed."""
     try:
-        writers = {k: IndexedDatasetWriter(prefixes[k], dtype) for k in keys}
+        writers.update({k: IndexedDatasetWriter(prefixes[k], dtype) for k in keys})
 
         def on_result(res: ChunkResult, position: int) -> None:
             tally.add(res)
@@ -177,8 +177,9 @@ def preprocess(args) -> dict:
                      block_bytes=max(int(args.block_mb * (1 << 20)), 1 << 16))
         progress.close()
         if tally.documents == 0:
-            raise DataError(f"no documents in {len(files)} input file(s) ({tally.bad} bad lines, "
-                            f"{tally.empty} empty documents); nothing written")
+            names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            raise DataError(f"no documents in {names} ({tally.bad} bad lines, {tally.empty} empty documents, "
+                            f"{tally.blank} blank lines); nothing written")
         for k in keys:
             writers[k].commit()
     except BaseException:
@@ -186,7 +187,28 @@ def preprocess(args) -> dict:
         for w in writers.values():
             w.abort()
         raise
+
+
+def preprocess(args) -> dict:
+    check_runtime_args(args)
+    files = expand_inputs(args.input)
+    keys = list(dict.fromkeys(args.json_keys))
+    check_output_prefix(args.output_prefix)
+    tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token,
+                         settings=DATA_TOOL_SETTINGS)
+    if args.prepend_bos and tok.bos is None:
+        raise DataError(f"--prepend-bos: the tokenizer {args.tokenizer_model} has no BOS token")
+    dtype = token_dtype(tok.vocab_size)
+    prefixes = output_paths(args.output_prefix, keys)
+    tally = Tally(files, args.skip_bad_lines, keys)
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    progress = Progress(total_bytes, args.log_interval, enabled=not args.no_progress, prog=PROG)
+    writers = {}
+    start = time.time()
+    with output_directory(os.path.dirname(os.path.abspath(args.output_prefix))):
+        _tokenize_and_write(files, keys, prefixes, dtype, args, tally, progress, writers)
     seconds = time.time() - start
+
     summary = {"inputs": files, "outputs": {k: prefixes[k] for k in keys},
                "tokenizer": tok.describe(), "seconds": round(seconds, 3), **tally.summary(),
                "docs_per_s": tally.documents / max(seconds, 1e-9), "tokens_per_s": tally.tokens / max(seconds, 1e-9),
@@ -196,6 +218,12 @@ def preprocess(args) -> dict:
     if args.stats_json:
         write_json_atomic(summary, args.stats_json)
     return summary
+
+
+def train_hint(prefix: str, tokenizer_model: str) -> str:
+    """How harpe-train reads a dataset (config keys; harpe-train has no --data-path)."""
+    return (f"train on it with: harpe-train --config CONFIG.yaml data.kind=indexed 'data.blend=[{prefix}]' "
+            f"data.tokenizer_model={tokenizer_model}")
 
 
 def format_summary(s: dict) -> str:
@@ -221,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with sigterm_as_interrupt():
         code, summary = run_reporting_errors(PROG, lambda: preprocess(args), usage_errors=(UsageError,),
-                                             data_errors=(DataError, TokenizerError))
+                                             data_errors=(DataError, TokenizerError), debug=args.debug,
+                                             verbose=args.verbose)
     if code:
         return code
     for ex in summary["bad_line_examples"][:5]:
@@ -229,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in summary["word_cache_notes"]:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     for k, prefix in summary["outputs"].items():
-        print(f"{PROG}: wrote {prefix}.bin/.idx (key {k!r}; --data-path {prefix})", file=sys.stderr)
+        print(f"{PROG}: wrote {prefix}.bin/.idx (key {k!r})", file=sys.stderr)
+    print(f"{PROG}: {train_hint(next(iter(summary['outputs'].values())), args.tokenizer_model)}", file=sys.stderr)
     print(format_summary(summary))
     return 0
 

@@ -27,7 +27,7 @@ import numpy as np
 from megatron_harpe.cli import InputError
 
 __all__ = ["TokenizerError", "Tokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer",
-           "load_tokenizer", "TOKENIZER_TYPES", "token_dtype"]
+           "load_tokenizer", "TOKENIZER_TYPES", "token_dtype", "DATA_TOOL_SETTINGS"]
 
 TOKENIZER_TYPES = ("sentencepiece", "huggingface")
 
@@ -45,6 +45,17 @@ _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
 
 class TokenizerError(InputError):
     """A tokenizer that cannot be loaded or used; the message names the file and the fix."""
+
+
+#: How a message names the settings it refers to. The data tools pass their flags; harpe-train (the
+#: data.tokenizer_* keys) and harpe-eval load tokenizers too, so without ``settings`` the message names
+#: none of them (a hint must not send a user to another tool's flag).
+DATA_TOOL_SETTINGS = {"type": "--tokenizer-type", "model": "--tokenizer-model", "eod": "--eod-token"}
+_NEUTRAL_SETTINGS = {"type": "the tokenizer type", "model": "the tokenizer path", "eod": "an explicit EOD token"}
+
+
+def _settings(settings: dict | None) -> dict:
+    return {**_NEUTRAL_SETTINGS, **(settings or {})}
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -149,13 +160,15 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, path: str, eod_token: str | None = None, word_cache: bool = True):
+    def __init__(self, path: str, eod_token: str | None = None, word_cache: bool = True,
+                 settings: dict | None = None):
         import sentencepiece as spm
 
+        names = _settings(settings)
         path = os.fspath(path)
         if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model")):
             path = os.path.join(path, "tokenizer.model")
-        _check_file(path, "sentencepiece model", "pass --tokenizer-model PATH/tokenizer.model")
+        _check_file(path, "sentencepiece model", f"set {names['model']} to a tokenizer.model or its directory")
         if os.path.isdir(path):
             raise TokenizerError(f"sentencepiece model: {path} is a directory without tokenizer.model")
         self.path = path
@@ -169,7 +182,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"cannot read sentencepiece model {path}: {e}") from None
         except Exception as e:  # sentencepiece raises RuntimeError/OSError for non-models
             raise TokenizerError(f"{path} is not a sentencepiece model ({type(e).__name__}: {e}); "
-                                 f"for a Hugging Face tokenizer.json use --tokenizer-type huggingface") from None
+                                 f"for a Hugging Face tokenizer.json set {names['type']} to huggingface") from None
         self.vocab_size = int(self._sp.get_piece_size())
         if eod_token is not None:
             eod = self._sp.piece_to_id(eod_token)
@@ -179,7 +192,8 @@ class SentencePieceTokenizer(Tokenizer):
         else:
             self.eod = int(self._sp.eos_id())
             if self.eod < 0:
-                raise TokenizerError(f"sentencepiece model {path} has no EOS piece; name one with --eod-token")
+                raise TokenizerError(f"sentencepiece model {path} has no EOS piece; name the end-of-document "
+                                     f"token with {names['eod']}")
         bos = int(self._sp.bos_id())
         self.bos = bos if bos >= 0 else None
         pad = int(self._sp.pad_id())
@@ -375,19 +389,20 @@ class HuggingFaceTokenizer(Tokenizer):
 
     kind = "huggingface"
 
-    def __init__(self, path: str, eod_token: str | None = None):
+    def __init__(self, path: str, eod_token: str | None = None, settings: dict | None = None):
+        names = _settings(settings)
         try:
             from tokenizers import Tokenizer as _HFTokenizer
         except ImportError:
             raise TokenizerError("Hugging Face tokenizers need the 'tokenizers' package: "
                                  "pip install 'megatron-harpe[hf]'") from None
         path = os.fspath(path)
-        _check_file(path, "Hugging Face tokenizer", "pass --tokenizer-model DIR or DIR/tokenizer.json")
+        _check_file(path, "Hugging Face tokenizer", f"set {names['model']} to a tokenizer.json or its directory")
         directory, file = (path, os.path.join(path, "tokenizer.json")) if os.path.isdir(path) \
             else (os.path.dirname(path) or ".", path)
         if not os.path.isfile(file):
             raise TokenizerError(f"no tokenizer.json in {path} (only fast tokenizers are supported; "
-                                 f"for a sentencepiece tokenizer.model use --tokenizer-type sentencepiece)")
+                                 f"for a sentencepiece tokenizer.model set {names['type']} to sentencepiece)")
         _check_file(file, "Hugging Face tokenizer", "check the path")
         self.path = path
         self._eod_override = eod_token
@@ -419,7 +434,7 @@ class HuggingFaceTokenizer(Tokenizer):
             if eod is None:
                 raise TokenizerError(f"cannot tell the end-of-document token of {file}: no eos_token in "
                                      f"tokenizer_config.json and none of {list(_EOS_NAMES)}; "
-                                     f"name one with --eod-token")
+                                     f"name the end-of-document token with {names['eod']}")
         self.eod = int(eod)
         bos = lookup(special.get("bos_token"))
         self.bos = bos if bos is not None else first(_BOS_NAMES)
@@ -458,9 +473,13 @@ def normalize_type(name: str) -> str:
     return _TYPE_ALIASES[key]
 
 
-def load_tokenizer(kind: str, path: str, eod_token: str | None = None) -> Tokenizer:
-    """Load a tokenizer of ``kind`` (``sentencepiece`` | ``huggingface``) from ``path``."""
+def load_tokenizer(kind: str, path: str, eod_token: str | None = None, settings: dict | None = None) -> Tokenizer:
+    """Load a tokenizer of ``kind`` (``sentencepiece`` | ``huggingface``) from ``path``.
+
+    ``settings``: how the caller's user sets the type, the path and the EOD token (``{"type": ...,
+    "model": ..., "eod": ...}``, e.g. DATA_TOOL_SETTINGS), for the fix an error message names.
+    """
     kind = normalize_type(kind)
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(path, eod_token=eod_token)
-    return HuggingFaceTokenizer(path, eod_token=eod_token)
+        return SentencePieceTokenizer(path, eod_token=eod_token, settings=settings)
+    return HuggingFaceTokenizer(path, eod_token=eod_token, settings=settings)

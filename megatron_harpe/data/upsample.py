@@ -23,8 +23,8 @@ share of tokens) as it is, and within every source raise the share of long docum
    into sequences of exactly ``--seq-length`` tokens (+1 with ``--add-extra-token``); the
    last partial sequence is dropped (reported).
 
-Output: ``<prefix>.bin/.idx`` (one packed sequence per document; train with
-``--data-path <prefix>``) and ``<prefix>.report.json`` with tokens, documents and shares per
+Output: ``<prefix>.bin/.idx`` (one packed sequence per document; harpe-train reads it with
+``data.kind=indexed 'data.blend=[<prefix>]'``) and ``<prefix>.report.json`` with tokens, documents and shares per
 source before and after, the short-document keep rate, and the parameters. Same inputs, same
 seed: byte-identical outputs, whatever ``--workers``.
 """
@@ -40,10 +40,11 @@ import zlib
 import numpy as np
 
 from megatron_harpe.data.indexed import IndexedDatasetWriter
-from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs
+from megatron_harpe.data.inputs import DataError, check_output_prefix, expand_inputs, output_directory
 from megatron_harpe.data.pipeline import ChunkResult, Progress, run_pipeline
-from megatron_harpe.data.preprocess import Tally, add_input_args, add_runtime_args, add_tokenizer_args, encode_options
-from megatron_harpe.data.tokenizer import TokenizerError, load_tokenizer, token_dtype
+from megatron_harpe.data.preprocess import (Tally, add_input_args, add_runtime_args, add_tokenizer_args,
+                                            check_runtime_args, encode_options, train_hint)
+from megatron_harpe.data.tokenizer import DATA_TOOL_SETTINGS, TokenizerError, load_tokenizer, token_dtype
 from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, sigterm_as_interrupt,
                                             parse_command_line, run_reporting_errors)
 from megatron_harpe.data.jsonio import write_json_atomic
@@ -78,12 +79,12 @@ def select_documents(lengths: np.ndarray, sources: np.ndarray, source_names: lis
     lengths = np.asarray(lengths, dtype=np.int64)
     sources = np.asarray(sources, dtype=np.int64)
     if not 0.0 <= keep_prob <= 1.0:
-        raise ValueError(f"keep_prob must be in [0, 1], got {keep_prob}")
+        raise DataError(f"--keep-prob {keep_prob}: a probability in [0, 1], e.g. 0.1")
     cost = lengths + separator_tokens
     names = list(source_names)
     total_before = int(cost.sum())
     if total_before == 0:
-        raise ValueError("no tokens to upsample")
+        raise DataError("no tokens to upsample")
     per, kept_idx = _filter_short_documents(lengths, sources, cost, names, threshold, keep_prob, seed)
     for name in names:
         per[name]["share_before"] = per[name]["tokens_before"] / total_before
@@ -144,7 +145,7 @@ def _budget(per: dict, names: list[str], target_tokens: int | None, threshold: i
     active = [n for n in names if per[n]["tokens_before"] > 0]
     binding = min(active, key=lambda n: per[n]["tokens_kept"] / per[n]["share_before"])
     if per[binding]["tokens_kept"] == 0:
-        raise ValueError(f"source {binding!r} keeps no document (all {per[binding]['documents_before']} are "
+        raise DataError(f"source {binding!r} keeps no document (all {per[binding]['documents_before']} are "
                          f"shorter than {threshold} tokens and none drew the keep probability {keep_prob}); "
                          f"its share cannot be kept: raise --keep-prob, lower --short-threshold or leave the "
                          f"source out")
@@ -272,7 +273,8 @@ def _sources_from_args(args) -> tuple[list[str], list[str] | None]:
 def upsample(args) -> dict:
     """The whole tool: tokenize into a temporary token file, select (select_documents), pack, report."""
     files, file_sources = _check_args(args)
-    tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token)
+    tok = load_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.eod_token,
+                         settings=DATA_TOOL_SETTINGS)
     if args.prepend_bos and tok.bos is None:
         raise DataError(f"--prepend-bos: the tokenizer {args.tokenizer_model} has no BOS token")
     dtype = token_dtype(tok.vocab_size)
@@ -283,8 +285,17 @@ def upsample(args) -> dict:
     tally = Tally(files, args.skip_bad_lines, [key])
     progress = Progress(sum(os.path.getsize(f) for f in files), args.log_interval,
                         enabled=not args.no_progress, prog=PROG)
-    writer = None
     start = time.time()
+    with output_directory(os.path.dirname(os.path.abspath(prefix))):
+        return _tokenize_select_pack(args, files, file_sources, tok, dtype, key, seq_len, store_path, tally,
+                                     progress, start)
+
+
+def _tokenize_select_pack(args, files: list[str], file_sources: list[str] | None, tok, dtype, key: str,
+                          seq_len: int, store_path: str, tally: Tally, progress: Progress, start: float) -> dict:
+    """Steps 1-5 and the report; on any failure no output is left (incomplete files removed)."""
+    prefix = args.output_prefix
+    writer = None
     try:
         lengths, doc_sources, names = _tokenize_into(store_path, files, file_sources, args, key, tally, progress)
         sep = 1 + (1 if args.prepend_bos else 0)
@@ -319,6 +330,14 @@ def _check_args(args) -> tuple[list[str], list[str] | None]:
     """The checks that need no tokenizer, before anything is loaded; returns _sources_from_args's answer."""
     if args.seq_length < 2:
         raise UsageError("--seq-length must be at least 2")
+    if not 0.0 <= args.keep_prob <= 1.0:
+        raise UsageError(f"--keep-prob {args.keep_prob}: give a probability in [0, 1], e.g. 0.1")
+    if args.short_threshold < 0:
+        raise UsageError(f"--short-threshold {args.short_threshold}: give a number of tokens >= 0, e.g. 4096")
+    if args.target_tokens is not None and args.target_tokens < 1:
+        raise UsageError(f"--target-tokens {args.target_tokens}: give a positive budget such as 5B, or leave it "
+                         f"out (the largest budget that repeats no document)")
+    check_runtime_args(args)
     files, file_sources = _sources_from_args(args)
     check_output_prefix(args.output_prefix)
     return files, file_sources
@@ -352,7 +371,9 @@ def _tokenize_into(store_path: str, files: list[str], file_sources: list[str] | 
                      block_bytes=max(int(args.block_mb * (1 << 20)), 1 << 16))
     progress.close()
     if tally.documents == 0:
-        raise DataError(f"no documents in {len(files)} input file(s); nothing written")
+        names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise DataError(f"no documents in {names} ({tally.bad} bad lines, {tally.empty} empty documents, "
+                        f"{tally.blank} blank lines); nothing written")
     names, doc_sources = _number_sources_by_name(source_ids, np.concatenate(source_parts))
     return np.concatenate(lengths_parts).astype(np.int64), doc_sources, names
 
@@ -423,12 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with sigterm_as_interrupt():
         code, r = run_reporting_errors(PROG, lambda: upsample(args), usage_errors=(UsageError,),
-                                       data_errors=(DataError, TokenizerError, ValueError))
+                                       data_errors=(DataError, TokenizerError), debug=args.debug,
+                                       verbose=args.verbose)
     if code:
         return code
     print(format_report(r), file=sys.stderr)
-    print(f"{PROG}: wrote {r['output_prefix']}.bin/.idx and .report.json (--data-path {r['output_prefix']})",
-          file=sys.stderr)
+    print(f"{PROG}: wrote {r['output_prefix']}.bin/.idx and .report.json", file=sys.stderr)
+    print(f"{PROG}: {train_hint(r['output_prefix'], args.tokenizer_model)}", file=sys.stderr)
     print(f"{PROG}: done: {r['documents_before']:,} documents -> {r['documents_after']:,} packed into "
           f"{r['sequences']:,} sequences of {r['sequence_length']:,} tokens ({r['tokens_after']:,} tokens; "
           f"{r['tokens_before']:,} before), {r['bad_lines']:,} bad lines, {r['seconds']:.2f} s")

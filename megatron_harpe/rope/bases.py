@@ -229,11 +229,13 @@ def _check_rule(detection, max_extrema, min_spacing, lookahead) -> tuple[str, in
     return detection, k, sp, la
 
 
-def validate_bases(bases: Iterable, num_groups: int | None = None) -> list[float]:
+def validate_bases(bases: Iterable, num_groups: int | None = None, hint: str | None = None) -> list[float]:
     """Check a base set and return it as a list of floats.
 
     Every base must be a finite number > 1. With ``num_groups`` (the number of K/V groups the
-    bases are applied to; heads for MHA), the set must hold exactly one base per group.
+    bases are applied to; heads for MHA), the set must hold exactly one base per group. ``hint``
+    ends the message of a wrong count: how the caller's user sets the bases (the config layer
+    names its keys, a command its flags); without it the message names neither.
     """
     if isinstance(bases, (str, bytes)):
         raise ValueError(f"bases must be a list of numbers, got the string {bases!r}")
@@ -260,7 +262,7 @@ def validate_bases(bases: Iterable, num_groups: int | None = None) -> list[float
             raise ValueError(f"num_groups must be >= 1, got {g}")
         if len(out) != g:
             raise ValueError(f"the base set has {len(out)} bases but the model has {g} K/V groups "
-                             f"(one base per group); give exactly {g} bases, e.g. --num-bases {g}")
+                             f"(one base per group); {hint or f'give exactly {g} bases'}")
     return out
 
 

@@ -1,12 +1,16 @@
 """harpe-bases: build, inspect and plot HARPE base sets (one RoPE base per head).
 
 Examples:
-    harpe-bases --strategy paper-llama2-7b --json          # Table 2 of the paper
-    harpe-bases --strategy peak-valley --compare-paper     # Algorithm 1, paper setting
-    harpe-bases --strategy uniform --num-bases 8 --b-min 1e6 --b-max 5e6
-    harpe-bases --strategy peak-valley --plot bases.png
+    harpe-bases --base-strategy paper-llama2-7b --json          # Table 2 of the paper
+    harpe-bases --base-strategy peak-valley --compare-paper     # Algorithm 1, paper setting
+    harpe-bases --base-strategy uniform --num-bases 8 --base-min 1e6 --base-max 5e6
+    harpe-bases --base-strategy peak-valley --plot bases.png
 
-The details of the peak-valley search and its defaults are documented in docs/base_search.md.
+The base-set flags are named as harpe-convert's and as the config keys (model.position.base_strategy,
+base_min, base_max, base_stride, bases_file): --base-strategy, --base-min, --base-max, --base-stride,
+--bases-file. The earlier names --strategy, --b-min, --b-max, --stride and --file still work (not
+shown in --help). The details of the peak-valley search and its defaults are documented in
+docs/base_search.md.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import os
 import re
 import sys
 import time
+import traceback
 
+from megatron_harpe.cli import EXIT_BAD_INPUT, debug_requested, setup_output
 from megatron_harpe.rope import bases as B
 
 PROG = "harpe-bases"
@@ -27,7 +33,7 @@ SEARCH_OPTIONS = ("window", "detection", "max_extrema", "min_spacing", "lookahea
                   "missing_penalty")
 
 _FLAG_NAMES = {
-    "b_min": "--b-min", "b_max": "--b-max", "stride": "--stride", "num_bases": "--num-bases",
+    "b_min": "--base-min", "b_max": "--base-max", "stride": "--base-stride", "num_bases": "--num-bases",
     "head_dim": "--head-dim", "window": "--window", "detection": "--detection",
     "max_extrema": "--max-extrema", "min_spacing": "--min-spacing", "lookahead": "--lookahead",
     "pairing": "--pairing", "missing_penalty": "--missing-penalty",
@@ -67,22 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Build a HARPE base set (one RoPE base per attention head "
                 "or K/V group) and print, compare or plot it.",
                 epilog="The peak-valley search and its defaults: docs/base_search.md.")
-    p.add_argument("--strategy", required=True, choices=B.STRATEGIES,
-                   help="uniform (ascending by head), uniform-desc (descending), peak-valley "
-                        "(Algorithm 1), paper-llama2-7b (Table 2 verbatim), file (--file)")
+    # the names of harpe-convert and of the config keys (base_strategy, base_min, ...); each earlier name
+    # is a hidden alias with the same dest (`required` is checked in main: either spelling satisfies it)
+    p.add_argument("--base-strategy", dest="strategy", default=None, choices=B.STRATEGIES, metavar="STRATEGY",
+                   help="required: uniform (ascending by head), uniform-desc (descending), peak-valley "
+                        "(Algorithm 1), paper-llama2-7b (Table 2 verbatim), file (--bases-file)")
     g = p.add_argument_group("base range (uniform, peak-valley)")
-    g.add_argument("--b-min", type=_number, default=None,
+    g.add_argument("--base-min", dest="b_min", type=_number, default=None, metavar="BASE",
                    help=f"smallest base (default {B.PAPER_B_MIN:.0f})")
-    g.add_argument("--b-max", type=_number, default=None,
+    g.add_argument("--base-max", dest="b_max", type=_number, default=None, metavar="BASE",
                    help=f"largest base (default {B.PAPER_B_MAX:.0f})")
-    g.add_argument("--stride", type=_number, default=None,
+    g.add_argument("--base-stride", dest="stride", type=_number, default=None, metavar="STEP",
                    help=f"candidate grid step of the search (default {B.PAPER_STRIDE:.0f})")
     g.add_argument("--num-bases", type=_integer, default=None,
                    help=f"number of bases = heads or K/V groups (default {B.PAPER_NUM_BASES})")
     g.add_argument("--head-dim", type=_integer, default=B.PAPER_HEAD_DIM,
                    help=f"attention head dimension (default {B.PAPER_HEAD_DIM})")
-    g.add_argument("--file", default=None, metavar="PATH",
-                   help="JSON list of bases (or {\"bases\": [...]}) for --strategy file")
+    g.add_argument("--bases-file", dest="file", default=None, metavar="PATH",
+                   help="JSON list of bases (or {\"bases\": [...]}) for --base-strategy file")
+    for old, dest, kind in (("--strategy", "strategy", None), ("--b-min", "b_min", _number),
+                            ("--b-max", "b_max", _number), ("--stride", "stride", _number),
+                            ("--file", "file", None)):
+        extra = {"choices": B.STRATEGIES} if dest == "strategy" else {"type": kind} if kind else {}
+        p.add_argument(old, dest=dest, default=None, help=argparse.SUPPRESS, **extra)
     s = p.add_argument_group("peak-valley search (also what --plot marks)")
     s.add_argument("--window", nargs=2, type=_integer, default=None, metavar=("LO", "HI"),
                    help=f"relative distances LO..HI of the waveform (default "
@@ -106,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PNG of the waveforms with their peaks/valleys and of the set")
     o.add_argument("--compare-paper", action="store_true",
                    help="report the overlap with Table 2 (its 31 searched bases)")
+    d = p.add_argument_group("diagnostics")
+    d.add_argument("--verbose", action="store_true", help="show upstream warnings too (HARPE_VERBOSE=1)")
+    d.add_argument("--debug", action="store_true", help="a traceback with bad-input errors too (HARPE_DEBUG=1)")
     return p
 
 
 def _flagify(message: str) -> str:
     """Name command-line flags instead of the library's parameter names."""
-    return re.sub(r"\b(" + "|".join(_FLAG_NAMES) + r")\b", lambda m: _FLAG_NAMES[m.group(1)], message)
+    return re.sub(r"(?<![-\w])(" + "|".join(_FLAG_NAMES) + r")\b", lambda m: _FLAG_NAMES[m.group(1)], message)
 
 
 def _json_number(x: float):
@@ -151,12 +167,12 @@ def _build(args):
         return res.sorted_bases, res, time.perf_counter() - t0
     if kw and not args.plot:
         given = ", ".join(kw)
-        raise ValueError(f"{given} only affect --strategy peak-valley (or the --plot of another "
-                         "strategy); drop them or use --strategy peak-valley")
+        raise ValueError(f"{given} only affect --base-strategy peak-valley (or the --plot of another "
+                         "strategy); drop them or use --base-strategy peak-valley")
     if args.file is not None and args.strategy != "file":
-        raise ValueError(f"--file only applies to --strategy file, not {args.strategy}")
+        raise ValueError(f"--bases-file only applies to --base-strategy file, not {args.strategy}")
     if args.strategy == "file" and args.file is None:
-        raise ValueError("--strategy file needs --file PATH (a JSON list of bases)")
+        raise ValueError("--base-strategy file needs --bases-file PATH (a JSON list of bases)")
     bases = B.make_base_set(args.strategy, num_bases=args.num_bases, b_min=args.b_min,
                             b_max=args.b_max, stride=args.stride, head_dim=args.head_dim,
                             path=args.file)
@@ -341,16 +357,27 @@ def _save_png(fig, path) -> None:
             os.unlink(tmp)
 
 
+def _bad_input(exc: BaseException, debug: bool) -> int:
+    """One message naming the flag (megatron_harpe/cli.py's contract); the traceback only with --debug."""
+    print(f"{PROG}: error: {_flagify(str(exc))}", file=sys.stderr)
+    if debug or debug_requested():
+        traceback.print_exception(exc, file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.strategy is None:
+            parser.error("the following arguments are required: --base-strategy")
     except _UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    setup_output(["--verbose"] if args.verbose else [])
     try:
         if args.plot is not None:
             directory = os.path.dirname(os.path.abspath(args.plot))
@@ -359,8 +386,7 @@ def main(argv=None) -> int:
                                  "give another path")
         bases, res, seconds = _build(args)
     except ValueError as exc:
-        print(f"{PROG}: error: {_flagify(str(exc))}", file=sys.stderr)
-        return 2
+        return _bad_input(exc, args.debug)
 
     if args.json:
         print(json.dumps([_json_number(b) for b in bases]))
@@ -373,8 +399,8 @@ def main(argv=None) -> int:
             plot_base_set(args.plot, bases, strategy=args.strategy, head_dim=args.head_dim,
                           result=res, search_kw=_search_kw(args), compare_paper=args.compare_paper)
         except (ValueError, OSError) as exc:
-            print(f"{PROG}: error: --plot {args.plot!r}: {_flagify(str(exc))}", file=sys.stderr)
-            return 2
+            return _bad_input(ValueError(f"--plot {args.plot!r}: {exc}").with_traceback(exc.__traceback__),
+                              args.debug)
         if not args.json:
             print(f"plot written to {args.plot}")
     return 0
