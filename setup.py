@@ -38,6 +38,8 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers>=0.19"],
         "dev": ["pytest>=8", "pytest-timeout"],
+        # Weights & Biases logging (logging.wandb.project); imported only when a config turns it on
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={
         "console_scripts": [
@@ -51,6 +53,7 @@ setup(
             "harpe-convert=megatron_harpe.convert.cli:main",
             "harpe-merge-data=megatron_harpe.data.merge:main",
             "harpe-sweep=megatron_harpe.slurm.sweep:main",
+            "harpe-plan=megatron_harpe.planning.cli:main",
         ]
     },
 )

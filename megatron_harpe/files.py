@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 INCOMPLETE_SUFFIX = ".incomplete"
 
@@ -24,6 +25,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_by(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Let `write(tmp)` create the file under a temporary sibling name, then rename it to `path`.
+
+    For writers that open the file themselves (torch.profiler's export_chrome_trace,
+    torch.cuda.memory._dump_snapshot). The temporary name keeps `path`'s last suffix, because such
+    writers choose the format by it (export_chrome_trace gzips a ``*.gz`` path)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -56,4 +77,4 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-__all__ = ["atomic_write_text", "staging_path", "publish", "INCOMPLETE_SUFFIX"]
+__all__ = ["atomic_write_text", "atomic_write_by", "staging_path", "publish", "INCOMPLETE_SUFFIX"]

@@ -14,14 +14,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_harpe"
 #: Bottom-up. A module may import modules of its own package and of the layers below its own;
 #: packages that share a layer do not import each other.
 LAYERS = [
-    {"__init__", "cli", "files", "compat", "backends"},
+    {"__init__", "cli", "files", "compat", "backends", "profile_ranges"},
     {"rope"},
     {"config"},
     {"data"},
     {"parallel"},
     {"models"},
     {"training"},
-    {"convert", "evaluation", "slurm"},
+    {"convert", "evaluation", "slurm", "planning"},
     {"train", "demo"},  # entry points: anything below
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

@@ -17,11 +17,34 @@ import pytest
 
 from megatron_harpe.config.loader import load_config
 from megatron_harpe.config.validate import validate_config
+from tests.data_fixtures import *  # noqa: F401,F403  (spm_model: the probes' tokenizer)
 from tests.launch import REPO_ROOT, free_port, run_workers
 
 WORKER = "tests/workers/train_worker.py"
 TINY = "examples/tiny"
 DROPOUT = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]
+VOCAB = ["model.vocab_size=1024"]  # runs that probe read text: the test tokenizer's 1000 tokens must fit
+
+
+def evaluated(spm_model, interval, lengths="[128]", prompts=2):
+    """Validation loss and passkey probes every `interval` iterations and at the end."""
+    return [f"data.tokenizer_model={spm_model}", f"training.eval_interval={interval}", "training.eval_iterations=2",
+            f"training.probe.lengths={lengths}", f"training.probe.prompts={prompts}"]
+
+
+def evaluations(run_dir):
+    """{(kind, iteration): record} of the eval/probe records in metrics.jsonl."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {(r["kind"], r["iteration"]): r for r in records if "kind" in r}
+
+
+def assert_same_evaluations(a, b, tolerance, where):
+    assert a.keys() == b.keys(), (where, sorted(a), sorted(b))
+    for key in a:
+        for name, value in a[key].items():
+            if name.endswith(("_seconds", "time")) or name in ("kind", "iteration"):
+                continue
+            assert abs(value - b[key][name]) <= tolerance * max(1.0, abs(value)), (where, key, name, value, b[key][name])
 
 
 def train(tmp_path, name, nproc, *overrides, config="harpe.yaml", signal_at=None, signal_children=False):
@@ -43,8 +66,8 @@ def losses(result):
 class Runs:
     """Runs several tests compare against, each made once (by the first test that asks)."""
 
-    def __init__(self, root: Path):
-        self.root, self.done = root, {}
+    def __init__(self, root: Path, spm_model: str):
+        self.root, self.spm, self.done = root, spm_model, {}
 
     def get(self, name, nproc, *overrides, **kw):
         if name not in self.done:
@@ -52,18 +75,20 @@ class Runs:
         return self.done[name]
 
     def tp2_reference(self):
-        """8 iterations at TP=2 on 2 torchrun ranks, no dropout, checkpoints at 4 and 8."""
-        return self.get("tp2_reference", 2, "parallel.tensor=2", "checkpoint.save_interval=4")
+        """8 iterations at TP=2 on 2 torchrun ranks, no dropout, checkpoints at 4 and 8, evaluated at 4 and 8
+        (validation loss and probes: the mpirun twin of this run does not evaluate and must match it)."""
+        return self.get("tp2_reference", 2, "parallel.tensor=2", "checkpoint.save_interval=4", *VOCAB,
+                        *evaluated(self.spm, 4))
 
     def seed(self):
         """A 4-layer HARPE model trained 4 iterations: the weights init_from tests start from."""
-        self.get("seed", 1, "model.num_layers=4", "training.iterations=4")
+        self.get("seed", 1, "model.num_layers=4", "training.iterations=4", *VOCAB)
         return self.root / "seed" / "checkpoints"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return Runs(tmp_path_factory.mktemp("shared_runs"))
+def runs(tmp_path_factory, spm_model):
+    return Runs(tmp_path_factory.mktemp("shared_runs"), spm_model)
 
 
 @pytest.mark.parametrize("layout, signal_children", [
@@ -93,15 +118,19 @@ def test_resume_after_signal_is_bit_identical(tmp_path, layout, signal_children)
 
 def test_resume_with_another_tensor_parallel_size(tmp_path, runs):
     """The reference run's TP=2 checkpoint at iteration 4, resumed at TP=1 (RNG streams re-seeded, weights
-    and optimizer resharded), continues the same trace."""
+    and optimizer resharded), continues the same trace; its evaluation at iteration 8 (validation loss,
+    probes scored over the whole vocabulary at TP=1) equals the TP=2 run's (vocabulary split in two)."""
     straight = runs.tp2_reference()
     shutil.copytree(runs.root / "tp2_reference" / "checkpoints" / "iter_0000004",
                     tmp_path / "resharded" / "checkpoints" / "iter_0000004")
     (tmp_path / "resharded" / "checkpoints" / "latest").write_text("iter_0000004\n")
-    resumed = train(tmp_path, "resharded", 1)  # TP=2 checkpoint, TP=1 run
+    resumed = train(tmp_path, "resharded", 1, *VOCAB, *evaluated(runs.spm, 4))  # TP=2 checkpoint, TP=1 run
     assert resumed["exit_code"] == 0
     for it in (5, 6, 7, 8):
         assert abs(losses(resumed)[it] - losses(straight)[it]) < 1e-4, (it, losses(resumed), losses(straight))
+    at_8 = {k: v for k, v in evaluations(runs.root / "tp2_reference").items() if k[1] == 8}
+    assert sorted(at_8) == [("eval", 8), ("probe", 8)]
+    assert_same_evaluations(evaluations(tmp_path / "resharded"), at_8, 1e-4, "TP=1 vs TP=2")
 
 
 def test_stage_schedule_switches_length_and_base(tmp_path):
@@ -178,12 +207,14 @@ def test_torchrun_and_mpirun_give_the_same_losses(tmp_path, runs):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     env.pop("MASTER_ADDR", None)
     cmd = [mpiexec, "-n", "2", sys.executable, WORKER, "--out", str(out), "--", "--config", f"{TINY}/harpe.yaml",
-           f"run_dir={tmp_path / 'mpi'}", "parallel.tensor=2"]
+           f"run_dir={tmp_path / 'mpi'}", "parallel.tensor=2", *VOCAB]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert "mpi launch, world size 2" in proc.stdout
+    # bit-identical although the torchrun run also evaluated at 4 and 8: evaluating leaves training alone
     assert ranks[0]["losses"] == ranks[1]["losses"] == by_torchrun["losses"]
+    assert evaluations(runs.root / "tp2_reference") and not evaluations(tmp_path / "mpi")
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -199,9 +230,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_init_from_loads_weights_only(tmp_path, runs):
     # a new run, another position scheme (ABF single-stage base), fresh optimizer, from trained weights
     four = "model.num_layers=4"
-    start = train(tmp_path, "continued", 1, four, f"training.init_from={runs.seed()}", "training.iterations=2",
+    start = train(tmp_path, "continued", 1, four, *VOCAB, f"training.init_from={runs.seed()}", "training.iterations=2",
                   config="abf_single.yaml")
-    fresh = train(tmp_path, "fresh", 1, four, "training.iterations=2", config="abf_single.yaml")
+    fresh = train(tmp_path, "fresh", 1, four, *VOCAB, "training.iterations=2", config="abf_single.yaml")
     assert start["exit_code"] == 0 and fresh["exit_code"] == 0
     # starting from trained weights: the first loss is well below a fresh model's
     assert losses(start)[1] < losses(fresh)[1] - 0.05, (losses(start), losses(fresh))
@@ -233,12 +264,19 @@ def test_parallel_layouts_train_the_same_model(tmp_path, runs):
     """From the same weights (init_from: random init differs per pipeline layout, as in
     megatron-core), a 4-layer run at world 1, with CP=2, with DP=2, and with PP=2 x VPP=2
     (interleaved 1F1B) gives the same loss trace: the per-token loss normalisation and every
-    schedule agree."""
-    common = ["model.num_layers=4", f"training.init_from={runs.seed()}", "training.iterations=3"]
+    schedule agree. So do the validation loss and the passkey probes at the end (one prompt per length:
+    with DP=2 one rank has none, with VPP the pass is padded to the pipeline's two micro-batches)."""
+    common = ["model.num_layers=4", *VOCAB, f"training.init_from={runs.seed()}", "training.iterations=3",
+              *evaluated(runs.spm, 3, lengths="[128,192]", prompts=1)]
     single = losses(train(tmp_path, "single", 1, *common))
+    reference = evaluations(tmp_path / "single")
+    assert sorted(reference) == [("eval", 3), ("probe", 3)]
+    assert reference[("probe", 3)]["probe_passkey_192_nll"] > 0 and reference[("eval", 3)]["eval_tokens"] == 1024
     for name, layout in {"cp2": ["parallel.context=2"], "dp2": [],
                          "vpp": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]}.items():
-        other = losses(train(tmp_path, name, 2, *common, *layout))
+        run = train(tmp_path, name, 2, *common, *layout)
+        other = losses(run)
         assert other.keys() == single.keys()
         for it in single:
             assert abs(other[it] - single[it]) < 2e-5, (name, it, other, single)
+        assert_same_evaluations(evaluations(tmp_path / name), reference, 2e-5, name)

@@ -73,8 +73,15 @@ class DataConfig:
     tokenizer_type: Optional[str] = None  # sentencepiece | huggingface
     tokenizer_model: Optional[str] = None
     cache_dir: Optional[str] = None  # GPTDataset index cache; None = <run_dir>/data_cache
-    reset_position_ids: bool = False
-    eod_mask_loss: bool = False
+    reset_position_ids: bool = False  # GPTDataset's position_ids restart after EOD; RoPE models read positions
+    #   from the sequence, not position_ids, so this needs document_mask (validate.py refuses it alone)
+    eod_mask_loss: bool = False  # no loss on EOD positions (predicting the next document's first token)
+    # Document masking (docs/training.md, "Document masking"): each micro-batch becomes ONE packed (THD)
+    # sequence whose documents end at EOD tokens (the EOD belongs to the document it ends) and at sample
+    # ends; attention stays inside a document and RoPE/HARPE positions restart at 0 in each. Needs the EOD
+    # id (data.kind=indexed with data.tokenizer_model). With CP every document is padded to a multiple of
+    # 2 x parallel.context (padding: loss_mask 0, not counted). training/packing.py builds the layout.
+    document_mask: bool = False
 
     def __post_init__(self):
         if self.tokenizer_model is not None and self.tokenizer_type is None:
@@ -113,6 +120,23 @@ class StageConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Passkey retrieval scored in-process on the training model while it trains (no export).
+
+    Each probe is one prompt of exactly `length` tokens: filler text with "The pass key is N."
+    placed at an evenly spread depth, ending in the question; the model is scored teacher-forced on
+    the passkey's tokens (greedy exact match, token accuracy, mean negative log-likelihood). It shows,
+    long before the run ends, whether the model is learning to use its context. Needs
+    data.tokenizer_model (the prompts are text).
+    """
+
+    lengths: List[int] = field(default_factory=list)  # [] = off; e.g. [4096, 32768, 131072]
+    interval: Optional[int] = None  # None = training.eval_interval
+    prompts: int = 4  # per length
+    seed: int = 0  # passkeys and filler order
+
+
+@dataclass
 class TrainingConfig:
     iterations: int = 10  # total over all stages when `stages` is empty
     tokens: Optional[int] = None  # alternative budget; converted with the global batch size
@@ -126,6 +150,12 @@ class TrainingConfig:
     recompute_modules: Optional[List[str]] = None
     init_from: Optional[str] = None  # a converted checkpoint: weights only, fresh optimizer
     stop_on_nonfinite_loss: bool = True
+    # validation loss on the held-out split (data.split's second part; a separate stream for mock
+    # data) every eval_interval iterations and at the end; 0 = off. Each evaluation reads the same
+    # eval_iterations global batches, so the numbers along a run are comparable.
+    eval_interval: int = 0
+    eval_iterations: int = 4
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
@@ -161,11 +191,72 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (training/metrics/wandb.py). Off unless `project` is set.
+
+    Needs the optional package (`pip install 'megatron-harpe[wandb]'`); a config that turns W&B on without
+    it is refused before anything starts. A resumed run continues the same W&B run (the id is kept in
+    <run_dir>/wandb_run_id).
+    """
+
+    project: Optional[str] = None  # None = W&B off
+    entity: Optional[str] = None  # None = the logged-in user's default entity
+    name: Optional[str] = None  # None = the run directory's name
+    mode: str = "online"  # online | offline (`wandb sync` later) | disabled (off, like no project)
+    dir: Optional[str] = None  # None = run_dir (W&B writes <dir>/wandb/)
+    tags: List[str] = field(default_factory=list)
+    group: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        """The one rule for "W&B is on", shared by validation (package check) and the metrics logger."""
+        return self.project is not None and self.mode != "disabled"
+
+
+@dataclass
+class ProfileConfig:
+    """A torch.profiler trace of a few iterations (training/profiling.py; docs/training.md, "Profiling").
+
+    Off unless `start` is set. The window follows Megatron-LM's --profile-step-start/--profile-step-end:
+    the profiler records the iterations that begin once `start` iterations are done and stops when
+    `end` are done, i.e. iterations start+1 .. end as numbered in metrics.jsonl and on the console
+    (end - start of them). The iteration before the window runs as the profiler's warm-up (set up,
+    not recorded), so the first recorded step does not carry the profiler's start-up cost. Each
+    listed rank writes <dir>/rank{r}_iters{start}-{end}.pt.trace.json.gz (Chrome trace format: opens
+    in ui.perfetto.dev, chrome://tracing, TensorBoard's PyTorch profiler plugin).
+    """
+
+    start: Optional[int] = None  # None = off; iterations done before the first profiled one
+    end: Optional[int] = None  # None = start + 1 (one iteration); exclusive like Megatron-LM's
+    ranks: List[int] = field(default_factory=lambda: [0])  # global ranks that record and write a trace
+    dir: Optional[str] = None  # None = <run_dir>/profile
+    record_shapes: bool = False  # operator input shapes in the trace
+    with_stack: bool = False  # Python stacks per operator: traces grow several times larger
+    # GPU only (refused on CPU, before the run starts): the CUDA caching allocator's history over the
+    # window, <dir>/rank{r}_iters{start}-{end}.memory.pickle for pytorch.org/memory_viz
+    memory_snapshot: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """The one rule for "profiling is on", shared by validation, the machine check and the trainer."""
+        return self.start is not None
+
+    @property
+    def last(self) -> Optional[int]:
+        """`end` with its default filled in: profiling stops once this many iterations are done."""
+        if self.start is None:
+            return None
+        return self.end if self.end is not None else self.start + 1
+
+
+@dataclass
 class LoggingConfig:
     interval: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops_per_device: Optional[float] = None  # None = H100 dense peak (bf16 989, FP8 1979) on GPU, unset on CPU
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

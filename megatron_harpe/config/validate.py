@@ -7,6 +7,7 @@ checked when the section is built (config/model.py); what needs the whole run is
 """
 from __future__ import annotations
 
+import importlib.util
 import signal
 from pathlib import Path
 from typing import Iterable, List
@@ -24,6 +25,7 @@ FP8_ATTENTION_RECIPES = ("delayed", "tensorwise")  # megatron-core 0.16.1 passes
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")  # megatron-core's choices that a dense model has
 PRECISIONS = ("auto", "bf16", "fp32")
 DATA_KINDS = ("mock", "indexed")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def parse_signals(names: Iterable[str]) -> List[signal.Signals]:
@@ -56,6 +58,7 @@ def validate_config(cfg: Config, world_size: int) -> None:
     _validate_data(cfg)
     _validate_training(cfg)
     _validate_fp8(cfg)
+    _validate_wandb(cfg)
     parse_signals(cfg.checkpoint.exit_signals)
     try:
         for stage in build_schedule(cfg):
@@ -65,6 +68,7 @@ def validate_config(cfg: Config, world_size: int) -> None:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _validate_profile(cfg, world_size)
 
 
 def _validate_batches(cfg: Config, data_parallel: int) -> None:
@@ -95,6 +99,15 @@ def _validate_data(cfg: Config) -> None:
                                       f"harpe-preprocess --output-prefix ... (prefixes omit .bin/.idx)")
     if d.tokenizer_model is not None and not Path(d.tokenizer_model).exists():
         raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
+    if d.document_mask and (d.kind != "indexed" or d.tokenizer_model is None):
+        raise ConfigError("data.document_mask needs documents and their end-of-document (EOD) token: set "
+                          "data.kind=indexed with data.blend and data.tokenizer_model (the mock source has no "
+                          "documents), or data.document_mask=false")
+    if d.reset_position_ids and not d.document_mask:
+        raise ConfigError("data.reset_position_ids alone changes nothing here: RoPE/HARPE models take positions "
+                          "from the token's place in the sequence, not from position_ids. To restart positions (and "
+                          "attention) at every document set data.document_mask=true, or drop "
+                          "data.reset_position_ids")
 
 
 def _validate_training(cfg: Config) -> None:
@@ -120,6 +133,37 @@ def _validate_training(cfg: Config) -> None:
         raise ConfigError(f"training.init_from: {t.init_from} does not exist")
     if cfg.logging.interval < 1:
         raise ConfigError("logging.interval must be >= 1")
+    _validate_evaluation(cfg)
+
+
+def _validate_evaluation(cfg: Config) -> None:
+    t, probe, p = cfg.training, cfg.training.probe, cfg.parallel
+    if t.eval_interval < 0:
+        raise ConfigError(f"training.eval_interval must be >= 0 (0 = no evaluation), got {t.eval_interval}")
+    if t.eval_interval and t.eval_iterations < 1:
+        raise ConfigError(f"training.eval_iterations must be >= 1 with training.eval_interval, got {t.eval_iterations}")
+    if t.eval_interval and cfg.data.kind == "indexed":
+        try:
+            valid_share = [float(x) for x in str(cfg.data.split).replace("/", ",").split(",")][1:2]
+        except ValueError:
+            raise ConfigError(f"data.split must be three numbers, e.g. 98,2,0; got {cfg.data.split!r}") from None
+        if not valid_share or valid_share[0] <= 0:
+            raise ConfigError(f"training.eval_interval needs a validation split: data.split {cfg.data.split!r} gives "
+                              f"it nothing; e.g. data.split=98,2,0")
+    if not probe.lengths:
+        return
+    if (probe.interval or t.eval_interval) < 1:
+        raise ConfigError("training.probe.lengths is set but neither training.probe.interval nor "
+                          "training.eval_interval is: set when to probe, e.g. training.probe.interval=500")
+    if cfg.data.tokenizer_model is None:
+        raise ConfigError("training.probe needs data.tokenizer_model: the passkey prompts are text")
+    if probe.prompts < 1:
+        raise ConfigError(f"training.probe.prompts must be >= 1, got {probe.prompts}")
+    multiple = (2 * p.context if p.context > 1 else 1) * (p.tensor if p.sequence_parallel else 1)
+    for length in probe.lengths:
+        if length < 64 or length % multiple:
+            raise ConfigError(f"training.probe.lengths: {length} must be >= 64 and a multiple of {multiple} "
+                              f"(2 x parallel.context, x parallel.tensor with sequence parallelism)")
 
 
 def _validate_fp8(cfg: Config) -> None:
@@ -157,3 +201,45 @@ def _validate_fp8(cfg: Config) -> None:
         if min(f.num_layers_at_start_in_bf16, f.num_layers_at_end_in_bf16) < 0 or kept >= cfg.model.num_layers:
             raise ConfigError(f"fp8.num_layers_at_start_in_bf16 + num_layers_at_end_in_bf16 ({kept}) must leave "
                               f"some of the model's {cfg.model.num_layers} layers in FP8")
+
+
+def _validate_wandb(cfg: Config) -> None:
+    """W&B's settings, and that the optional package is there when they turn it on: a missing package would
+    otherwise surface on the logging rank only, after the model is built, with the other ranks already
+    waiting in a collective. ``find_spec`` locates the package without importing it (importing wandb takes
+    about a second and is not wanted in this layer)."""
+    w = cfg.logging.wandb
+    if w.mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb.mode must be one of {WANDB_MODES}, got {w.mode!r}")
+    if w.project is not None and not w.project.strip():
+        raise ConfigError("logging.wandb.project is empty; set a project name, or null to turn W&B off")
+    if w.enabled and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"logging.wandb.project={w.project!r} turns on Weights & Biases, but the wandb package "
+                          "is not installed: pip install 'megatron-harpe[wandb]' (or pip install wandb), or turn "
+                          "it off with logging.wandb.mode=disabled")
+
+
+def _validate_profile(cfg: Config, world_size: int) -> None:
+    """logging.profile's window and ranks (after the schedule is known to be valid: the window must lie
+    inside the run). Whether the machine can take a memory snapshot (CUDA) is checked with the machine
+    (training/runtime.py check_runtime), the one place that knows."""
+    prof = cfg.logging.profile
+    if not prof.enabled:
+        return
+    if prof.start < 0:
+        raise ConfigError(f"logging.profile.start must be >= 0 (iterations done before the first profiled one; "
+                          f"null = profiling off), got {prof.start}")
+    if prof.last <= prof.start:
+        raise ConfigError(f"logging.profile.end ({prof.end}) must be greater than logging.profile.start "
+                          f"({prof.start}): iterations start+1..end are profiled")
+    total = build_schedule(cfg)[-1].end_iteration
+    if prof.last > total:
+        raise ConfigError(f"logging.profile.end ({prof.last}) is past the run's last iteration ({total}); "
+                          f"profile iterations inside the run")
+    if not prof.ranks:
+        raise ConfigError("logging.profile.ranks is empty: list the global ranks to profile, e.g. [0], or set "
+                          "logging.profile.start=null to turn profiling off")
+    outside = sorted({r for r in prof.ranks if not 0 <= r < world_size})
+    if outside:
+        raise ConfigError(f"logging.profile.ranks: {outside} not in this run of {world_size} process(es) "
+                          f"(global ranks 0..{world_size - 1})")

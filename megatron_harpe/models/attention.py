@@ -22,6 +22,7 @@ from torch import Tensor
 
 from megatron.core.transformer.attention import SelfAttention
 
+from megatron_harpe.profile_ranges import profiled
 from megatron_harpe.rope.harpe_rotary import query_and_key_angles
 
 
@@ -44,6 +45,7 @@ class HarpeSelfAttention(SelfAttention):
         finally:
             self._fused_rotation = None
 
+    @profiled("harpe/query_key_angles")  # table mode; megatron-core's apply path then rotates q and k
     def _query_and_key_angles(self, group_angles: Tensor):
         """(query angles, key angles): query head h of this rank uses its K/V group's angles."""
         if group_angles.size(2) != self.num_query_groups_per_partition:
@@ -61,6 +63,7 @@ class HarpeSelfAttention(SelfAttention):
         query, key = self._rotate_fused(query, key, **self._fused_rotation)
         return (query, key, *rest)
 
+    @profiled("harpe/apply_rotary")  # fused mode: the Triton kernel rotates q and k
     def _rotate_fused(self, query: Tensor, key: Tensor, *, inv_freq: Tensor, packed_seq_params,
                       inference_context):
         from megatron_harpe.rope.fused_kernel import apply_harpe_rotary_qk

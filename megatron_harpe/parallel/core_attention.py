@@ -112,6 +112,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from megatron_harpe.profile_ranges import profiled
+
 try:  # lower-right causal without a materialised mask (flash / efficient kernels)
     from torch.nn.attention.bias import causal_lower_right as _causal_lower_right
 except ImportError:  # pragma: no cover - old torch
@@ -310,6 +312,7 @@ class SDPACoreAttention(MegatronModule):
         return group
 
     # ----------------------------------------------------------------------------------
+    @profiled("harpe/core_attention")
     def forward(
         self,
         query: Tensor,

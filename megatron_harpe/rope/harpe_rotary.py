@@ -37,6 +37,7 @@ from torch import Tensor
 
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megatron_harpe.profile_ranges import profiled
 from megatron_harpe.rope.bases import validate_bases
 
 
@@ -168,6 +169,7 @@ class HarpeRotaryEmbedding(RotaryEmbedding):
         self._move_to_compute_device()
         return self._angles_for_positions(torch.arange(max_seq_len) + offset)
 
+    @profiled("harpe/rotary")
     def forward(
         self,
         max_seq_len: int,

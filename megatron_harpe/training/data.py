@@ -18,6 +18,9 @@ from megatron_harpe.data.gpt_dataset import build_gpt_datasets
 from megatron_harpe.data.inputs import DataError
 
 
+VALID_SEED_OFFSET = 1_000_003  # mock validation samples: another seed, so never a training sample
+
+
 class MockArithmeticDataset(torch.utils.data.Dataset):
     """Deterministic, learnable token sequences for smoke tests: sample i is an arithmetic
     progression modulo the vocabulary (start and step drawn from a generator seeded by i), so
@@ -39,19 +42,28 @@ class MockArithmeticDataset(torch.utils.data.Dataset):
                 "position_ids": torch.arange(self.seq_length)}
 
 
-def build_train_dataset(data: DataConfig, *, vocab_size: int, seq_length: int, num_samples: int, seed: int,
-                        eod_id: Optional[int], cache_dir: str):
-    """The training split, with at least `num_samples` samples of `seq_length` tokens."""
+def build_datasets(data: DataConfig, *, vocab_size: int, seq_length: int, num_samples: int, valid_samples: int,
+                   seed: int, eod_id: Optional[int], cache_dir: str):
+    """(train, valid): the training split with at least `num_samples` samples of `seq_length` tokens,
+    and the validation split with `valid_samples` (None when 0). Mock data validates on a stream of
+    its own (another seed), never on training samples."""
     if data.kind == "mock":
-        return MockArithmeticDataset(vocab_size, seq_length, num_samples, seed)
-    train, _, _ = build_gpt_datasets(data.blend, seq_length=seq_length, num_samples=(num_samples, None, None),
-                                     split=data.split, seed=seed, cache_dir=cache_dir, vocab_size=vocab_size,
-                                     eod_id=eod_id, reset_position_ids=data.reset_position_ids,
-                                     eod_mask_loss=data.eod_mask_loss)
+        valid = MockArithmeticDataset(vocab_size, seq_length, valid_samples, seed + VALID_SEED_OFFSET)
+        return MockArithmeticDataset(vocab_size, seq_length, num_samples, seed), valid if valid_samples else None
+    train, valid, _ = build_gpt_datasets(data.blend, seq_length=seq_length,
+                                         num_samples=(num_samples, valid_samples or None, None),
+                                         split=data.split, seed=seed, cache_dir=cache_dir, vocab_size=vocab_size,
+                                         eod_id=eod_id, reset_position_ids=data.reset_position_ids,
+                                         eod_mask_loss=data.eod_mask_loss)
     if train is None or len(train) < num_samples:
         raise DataError(f"the training split of {data.blend} yields {0 if train is None else len(train)} samples of "
                          f"{seq_length} tokens, fewer than the {num_samples} the run needs; add data or check data.split")
-    return train
+    if valid_samples and (valid is None or len(valid) < valid_samples):
+        raise DataError(f"the validation split of {data.blend} (data.split {data.split}) yields "
+                         f"{0 if valid is None else len(valid)} samples of {seq_length} tokens, fewer than the "
+                         f"{valid_samples} that training.eval_iterations x data.global_batch_size asks for; give it a "
+                         f"larger share in data.split or lower training.eval_iterations")
+    return train, valid if valid_samples else None
 
 
 class MicroBatches:

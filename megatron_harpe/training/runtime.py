@@ -67,3 +67,7 @@ def check_runtime(cfg: Config, machine: Machine) -> None:
     if machine.triton_interpreted and machine.cuda:
         raise ConfigError("TRITON_INTERPRET=1 is set on a GPU machine: Triton kernels would run in the (slow) "
                           "interpreter; unset it")
+    if cfg.logging.profile.enabled and cfg.logging.profile.memory_snapshot and not machine.cuda:
+        # refused, not warned: the user asked for a file that this run could never write
+        raise ConfigError("logging.profile.memory_snapshot records the CUDA caching allocator's history and needs a "
+                          "GPU; this machine has none: set logging.profile.memory_snapshot=false")

@@ -39,7 +39,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_harpe import compat
 from megatron_harpe.cli import InputError
-from megatron_harpe.config.loader import dump_config
+from megatron_harpe.config.loader import dump_config, to_dict
 from megatron_harpe.config.schema import Config
 from megatron_harpe.config.stages import Stage, build_schedule, stage_at
 from megatron_harpe.config.validate import parse_signals
@@ -49,9 +49,14 @@ from megatron_harpe.models.provider import build_model, replace_position_encodin
 from megatron_harpe.models.transformer_config import (build_transformer_config, fp8_settings, fusion_settings,
                                                       rope_kernel)
 from megatron_harpe.models.unwrap import unwrap_model
+from megatron_harpe.profile_ranges import profile_range
 from megatron_harpe.training import checkpointing as ckpt
-from megatron_harpe.training.data import MicroBatches, build_train_dataset, iterators_for_chunks
+from megatron_harpe.training.data import MicroBatches, build_datasets, iterators_for_chunks
+from megatron_harpe.training.evaluation import reduce_sums, validation_loss
+from megatron_harpe.training.probes import build_probe_prompts, score_probes
 from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token, summary_line
+from megatron_harpe.training.packing import pack_micro_batch, packed_seq_params, stream_multiple
+from megatron_harpe.training.profiling import IterationProfiler
 from megatron_harpe.training.runtime import detect_machine
 from megatron_harpe.training.signals import EXIT_CODE_NONFINITE_LOSS, EXIT_CODE_REQUEUE, SignalWatcher
 
@@ -189,6 +194,9 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=not self.replan, override_opt_param_scheduler=self.replan)
         self.tcfg.finalize_model_grads_func = finalize_model_grads
         self.tcfg.grad_scale_func = self.optimizer.scale_loss
+        # data.document_mask: a packed micro-batch's length varies with its documents' CP padding, so
+        # pipeline stages exchange each activation's shape before it (megatron-core's p2p option)
+        self.tcfg.variable_seq_lengths = self.cfg.data.document_mask and p.pipeline > 1
         if p.overlap_grad_reduce:
             no_sync = [c.no_sync for c in self.chunks]
             self.tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -199,45 +207,62 @@ class Trainer:
             self.tcfg.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
 
     def _data_for(self, stage: Stage) -> MicroBatches:
-        d = self.cfg.data
+        """The stage's training batches; its validation batches (the same ones at every evaluation of
+        the stage) go to self.valid_batches."""
+        d, t = self.cfg.data, self.cfg.training
         cache = d.cache_dir or str(self.run_dir / "data_cache")
-        eod = _tokenizer_eod(d)
-        dataset = build_train_dataset(d, vocab_size=self.cfg.model.vocab_size, seq_length=stage.seq_length,
-                                      num_samples=stage.iterations * d.global_batch_size,
-                                      seed=self.cfg.training.seed + stage.index, eod_id=eod, cache_dir=cache)
-        return MicroBatches(dataset, global_batch=d.global_batch_size, micro_batch=d.micro_batch_size,
-                            dp_rank=self.dp_rank, dp_size=self.dp_size)
+        eod = self.eod_id = _tokenizer_eod(d)
+        valid_samples = t.eval_iterations * d.global_batch_size if t.eval_interval else 0
+        train, valid = build_datasets(d, vocab_size=self.cfg.model.vocab_size, seq_length=stage.seq_length,
+                                      num_samples=stage.iterations * d.global_batch_size, valid_samples=valid_samples,
+                                      seed=t.seed + stage.index, eod_id=eod, cache_dir=cache)
+        batches = dict(global_batch=d.global_batch_size, micro_batch=d.micro_batch_size, dp_rank=self.dp_rank,
+                       dp_size=self.dp_size)
+        self.valid_batches = [] if valid is None else [
+            batch for i in range(t.eval_iterations) for batch in MicroBatches(valid, **batches).iteration(i)]
+        return MicroBatches(train, **batches)
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
+        if self.cfg.data.document_mask:
+            return self._forward_step_packed(next(data_iterator), model)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
         if self.cfg.parallel.context > 1:
             batch = get_batch_on_this_cp_rank(batch)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 
+    def _forward_step_packed(self, batch, model):
+        """data.document_mask: the micro-batch as one packed (THD) sequence whose documents end at EOD
+        tokens, so attention and RoPE/HARPE positions restart per document (training/packing.py). The
+        layout is computed on the host from the CPU batch; this CP rank's rows (chunks r and 2cp-1-r of
+        every document) are all that moves to the device. Padding rows have loss_mask 0."""
+        p = self.cfg.parallel
+        multiple = stream_multiple(p.context, p.tensor, p.sequence_parallel, fp8=self.cfg.fp8.format is not None)
+        packed, layout = pack_micro_batch(batch, self.eod_id, cp_size=p.context,
+                                          cp_rank=ps.get_context_parallel_rank(), total_multiple=multiple)
+        packed = {k: v.to(self.device, non_blocking=True) for k, v in packed.items()}
+        output = model(packed["tokens"], packed["position_ids"], None, labels=packed["labels"],
+                       packed_seq_params=packed_seq_params(layout, self.device))
+        return output, partial(_loss_func, packed["loss_mask"])
+
     def train_step(self, stage: Stage, batches) -> tuple[float, Optional[float]]:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iterators_for_chunks(batches, len(self.chunks)),
-            model=self.chunks, num_microbatches=len(batches), seq_length=stage.seq_length // self.cfg.parallel.context,
-            micro_batch_size=self.cfg.data.micro_batch_size, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        with profile_range("harpe/forward_backward"):
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iterators_for_chunks(batches, len(self.chunks)),
+                model=self.chunks, num_microbatches=len(batches), seq_length=stage.seq_length,  # divided by CP there
+                micro_batch_size=self.cfg.data.micro_batch_size, forward_only=False)
+        with profile_range("harpe/optimizer_step"):
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
         return self._reduce_loss(outputs), grad_norm
 
     def _reduce_loss(self, outputs) -> float:
         """Token-weighted mean loss of the iteration, identical on every rank."""
-        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            for out in outputs:
-                totals += out["lm loss"].to(totals)
-            dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+        totals = reduce_sums([out["lm loss"] for out in outputs], 2, self.device)
         return (totals[0] / totals[1]).item()
 
     # ------------------------------------------------------------------ the run
@@ -265,6 +290,7 @@ class Trainer:
         existed = self.run_dir.exists()
         try:
             iteration, self.how = self._resume_or_start()
+            self.probes = self._probe_prompts()
             return iteration, self._data_for(stage_at(self.stages, iteration))
         except InputError:
             if not existed and self.rank == 0:
@@ -306,7 +332,8 @@ class Trainer:
         return MetricsLogger(str(self.run_dir), is_logging_rank=self.rank == self.world - 1,
                              total_iterations=self.total_iterations, tensorboard=log.tensorboard,
                              progress_bar=log.progress_bar, interval=log.interval,
-                             peak_tflops_per_device=self._peak_tflops(), start_iteration=start_iteration)
+                             peak_tflops_per_device=self._peak_tflops(), start_iteration=start_iteration,
+                             wandb=log.wandb, run_config=to_dict(self.cfg))  # W&B: on the logging rank, if on
 
     def _train(self, iteration: int, data: MicroBatches, logger: MetricsLogger,
                watcher: SignalWatcher) -> RunResult:
@@ -314,6 +341,8 @@ class Trainer:
         cfg = self.cfg
         result = RunResult(exit_code=0, iteration=iteration)
         stage = stage_at(self.stages, iteration)
+        profiler = IterationProfiler(cfg.logging.profile, run_dir=self.run_dir, rank=self.rank,
+                                     first_iteration=iteration, log_event=logger.log_event)
         while iteration < self.total_iterations:
             if iteration >= stage.end_iteration:  # stage boundary
                 self._save(iteration, stage)
@@ -323,7 +352,8 @@ class Trainer:
                 logger.log_event(f"stage {stage.index} ({stage.name}) begins at iteration {iteration}: "
                                  f"seq_length {stage.seq_length}, {stage.model_cfg.position.describe()}")
             started = time.perf_counter()
-            loss, grad_norm = self.train_step(stage, data.iteration(iteration - stage.start_iteration))
+            with profiler.iteration(iteration):  # logging.profile: a trace of its iterations
+                loss, grad_norm = self.train_step(stage, data.iteration(iteration - stage.start_iteration))
             iteration += 1
             result.iteration, result.losses[iteration] = iteration, loss
             tokens = cfg.data.global_batch_size * stage.seq_length
@@ -336,6 +366,7 @@ class Trainer:
                     f"loss is {loss} at iteration {iteration}: stopping; the last good checkpoint "
                     f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept. Lower the learning rate or "
                     f"check the data, then resume.")
+                profiler.close()
                 return result
             if watcher.should_stop(self.device):
                 self._save(iteration, stage)
@@ -343,12 +374,55 @@ class Trainer:
                 result.exit_code, result.reason = EXIT_CODE_REQUEUE, (
                     f"signal {received}: checkpoint saved at iteration {iteration}; exit code {EXIT_CODE_REQUEUE} "
                     f"asks the scheduler to requeue")
+                profiler.close()
                 return result
+            self._evaluate_if_due(iteration, stage, logger)
             if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
                 self._save(iteration, stage)
         self._save(iteration, stage)
         result.reason = f"finished {iteration} iterations"
         return result
+
+    # ------------------------------------------------------------------ evaluation
+    def _probe_prompts(self):
+        probe = self.cfg.training.probe
+        if not probe.lengths:
+            return []
+        from megatron_harpe.data.tokenizer import load_tokenizer
+
+        d = self.cfg.data
+        tokenizer = load_tokenizer(d.tokenizer_type, d.tokenizer_model)
+        if tokenizer.vocab_size > self.cfg.model.vocab_size:
+            raise InputError(f"training.probe: data.tokenizer_model has {tokenizer.vocab_size} tokens but "
+                             f"model.vocab_size is {self.cfg.model.vocab_size}; the probe prompts would not fit the "
+                             f"embedding")
+        try:
+            return build_probe_prompts(tokenizer, probe.lengths, probe.prompts, probe.seed)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+
+    def _evaluate_if_due(self, iteration: int, stage: Stage, logger: MetricsLogger) -> None:
+        """Validation loss every training.eval_interval iterations and probes every probe.interval, both
+        at the last iteration too. Skipped after a signal (the run is about to stop; its grace time is
+        for the checkpoint)."""
+        t, p = self.cfg.training, self.cfg.parallel
+        last = iteration == self.total_iterations
+
+        def due(interval):
+            return bool(interval) and (iteration % interval == 0 or last)
+
+        run_eval, run_probes = due(t.eval_interval), bool(self.probes) and due(t.probe.interval or t.eval_interval)
+        if not (run_eval or run_probes):
+            return
+        with self._parameters_gathered():
+            if run_eval:
+                logger.log_evaluation(iteration, validation_loss(
+                    self.chunks, self._forward_step, self.valid_batches, seq_length=stage.seq_length,
+                    micro_batch_size=self.cfg.data.micro_batch_size, device=self.device))
+            if run_probes:
+                logger.log_evaluation(iteration, score_probes(
+                    self.chunks, self.probes, dp_rank=self.dp_rank, dp_size=self.dp_size, context_parallel=p.context,
+                    virtual_pipeline=p.virtual_pipeline is not None, device=self.device), kind="probe")
 
     @contextlib.contextmanager
     def _parameters_gathered(self):

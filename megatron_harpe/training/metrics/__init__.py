@@ -1,10 +1,11 @@
 """Training observability: model FLOPs, peak memory, and the per-iteration metrics logger.
 
-Three outputs, all written by the *logging rank* only (other ranks never create a file):
+The outputs, all written by the *logging rank* only (other ranks never create a file):
 
 * stdout: one line per logged interval (``console``), plus a tqdm bar when stderr is a terminal;
 * ``<run_dir>/metrics.jsonl``: one JSON object per line, flushed as written (``jsonl``);
 * ``<run_dir>/tensorboard``: the same metrics as TensorBoard scalars, when installed (``tensorboard``).
+* Weights & Biases: the same metrics as a W&B run, when ``logging.wandb.project`` is set (``wandb``).
 
 The numbers come from pure modules with no I/O (``flops``, ``window``), so the arithmetic can be
 tested without a run directory; ``logger.MetricsLogger`` wires them to the writers.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["GiB", "format_line", "summary_line", "open_progress_bar", "print_line"]
+__all__ = ["GiB", "format_line", "format_evaluation", "summary_line", "open_progress_bar", "print_line"]
 
 GiB = float(1 << 30)
 
@@ -35,6 +35,14 @@ def format_line(record: dict[str, Any], total_iterations: int | None) -> str:
         parts.append(f"MFU {100.0 * record['mfu']:.1f}%")
     parts.append(f"mem {record['peak_memory_bytes'] / GiB:.1f} GiB")
     parts.append(f"{record['seconds_per_iteration']:.2f} s/it")
+    return " | ".join(parts)
+
+
+def format_evaluation(iteration: int, kind: str, values: dict[str, Any]) -> str:
+    """``eval @ iter 200 | eval_loss 2.1034 | eval_perplexity 8.194 | ...``: floats to 4 significant digits."""
+    parts = [f"{kind} @ iter {iteration}"]
+    for key, value in values.items():
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 
 

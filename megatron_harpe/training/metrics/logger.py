@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from megatron_harpe.training.metrics import console, memory
 from megatron_harpe.training.metrics.jsonl import METRICS_FILENAME, MetricsJsonl
 from megatron_harpe.training.metrics.tensorboard import TENSORBOARD_DIRNAME, TensorBoardWriter
+from megatron_harpe.training.metrics.wandb import WandbWriter
 from megatron_harpe.training.metrics.window import SUMMARY_KEYS, Interval, RunTotals
 
 __all__ = ["MetricsLogger"]
 
 
 class MetricsLogger:
-    """Per-iteration training metrics on stdout, TensorBoard and ``run_dir/metrics.jsonl``.
+    """Per-iteration training metrics on stdout, TensorBoard, ``run_dir/metrics.jsonl`` and W&B (when on).
 
     Call :meth:`log_iteration` every iteration on every rank; on ranks with ``is_logging_rank=False``
     every method returns at once and nothing is created on disk (``summary()`` returns the keys with
@@ -26,8 +27,10 @@ class MetricsLogger:
     :meth:`close` for a partial interval left over (a run stopped early), so no iteration goes
     unreported. What a line contains is documented in ``window`` (means, rates, ``extra``),
     ``jsonl`` (the file format and the resume rule, which is why ``start_iteration`` is needed),
-    ``tensorboard`` (tags, ``extra/<key>`` scalars) and ``console`` (the stdout line, the progress bar,
-    shown only when ``progress_bar`` is true and stderr is a terminal). ``mfu`` is
+    ``tensorboard`` (tags, ``extra/<key>`` scalars), ``wandb`` (the same names, the run id kept for resume;
+    on when ``wandb``, a ``logging.wandb`` section, is enabled; ``run_config`` becomes the W&B run config)
+    and ``console`` (the stdout line, the progress bar, shown only when ``progress_bar`` is true and stderr
+    is a terminal). ``mfu`` is
     ``tflops_per_device / peak_tflops_per_device`` (``None`` without a peak); ``peak_memory_bytes`` is
     the process peak from :func:`~.memory.device_peak_memory_bytes` when the line is written.
 
@@ -48,6 +51,8 @@ class MetricsLogger:
         interval: int = 1,
         peak_tflops_per_device: float | None = None,
         start_iteration: int = 0,
+        wandb=None,
+        run_config: Mapping[str, Any] | None = None,
     ):
         if int(interval) != interval or interval < 1:
             raise ValueError(f"MetricsLogger: interval={interval!r} must be an integer >= 1")
@@ -79,6 +84,7 @@ class MetricsLogger:
 
         self._file: MetricsJsonl | None = None
         self._writer: TensorBoardWriter | None = None
+        self._wandb: WandbWriter | None = None
         self._bar = None
         self.dropped_on_resume = 0  # records of a crashed earlier attempt removed from metrics.jsonl
         if not self.is_logging_rank:
@@ -95,6 +101,11 @@ class MetricsLogger:
             )
         if tensorboard:
             self._writer = TensorBoardWriter.open(self.tensorboard_dir, self.start_iteration)
+        if wandb is not None and wandb.enabled:
+            self._wandb = WandbWriter.open(wandb, run_dir=self.run_dir, start_iteration=self.start_iteration,
+                                           run_config=run_config)
+            if self._wandb is not None:
+                print(self._wandb.note, flush=True)
         if progress_bar:
             self._bar = console.open_progress_bar(total_iterations, self.start_iteration)
 
@@ -140,6 +151,8 @@ class MetricsLogger:
         console.print_line(self.format_line(record), self._bar)
         if self._writer is not None:
             self._writer.write(record, self._window.extra)
+        if self._wandb is not None:
+            self._wandb.write(record, self._window.extra)
         self._file.write(record)
         if self._bar is not None:
             self._bar.set_postfix_str(f"loss {record['loss']:.4f}", refresh=False)
@@ -157,6 +170,25 @@ class MetricsLogger:
             raise RuntimeError("MetricsLogger.log_event called after close()")
         console.print_line(str(message), self._bar)
         self._file.write({"event": str(message), "iteration": self._last_iteration, "time": time.time()})
+        if self._wandb is not None:
+            self._wandb.log_event(str(message))
+
+    def log_evaluation(self, iteration: int, values: dict[str, Any], kind: str = "eval") -> None:
+        """Evaluation results at ``iteration`` (validation loss, probes): one stdout line, one jsonl record
+        ``{"iteration", "kind", <values>..., "time"}`` and TensorBoard scalars ``<kind>/<key>``.
+
+        Kept apart from the iteration records (which carry ``loss``) so a script reading the training
+        curve never mistakes a validation number for a training one."""
+        if not self.is_logging_rank:
+            return
+        if self._closed:
+            raise RuntimeError("MetricsLogger.log_evaluation called after close()")
+        console.print_line(console.format_evaluation(iteration, kind, values), self._bar)
+        if self._writer is not None:
+            self._writer.write_scalars(iteration, {f"{kind}/{key}": value for key, value in values.items()})
+        if self._wandb is not None:
+            self._wandb.write_scalars(iteration, {f"{kind}/{key}": value for key, value in values.items()})
+        self._file.write({"iteration": int(iteration), "kind": kind, **values, "time": time.time()})
 
     def summary(self) -> dict[str, Any]:
         """Whole-run numbers over every iteration this logger saw (not only the logged ones).
@@ -194,6 +226,10 @@ class MetricsLogger:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+            if self._wandb is not None:
+                summary = self.summary()
+                self._wandb.close(summary, console.summary_line(summary))
+                self._wandb = None
             if self._file is not None:
                 self._file.close()
                 self._file = None

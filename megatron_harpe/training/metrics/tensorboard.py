@@ -75,5 +75,13 @@ class TensorBoardWriter:
                 self._sw.add_scalar(f"extra/{key}", float(value), step)
         self._sw.flush()
 
+    def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+        """Numeric values under their own tags (evaluation results: ``eval/eval_loss``, ``probe/...``)."""
+        for tag, value in scalars.items():
+            value = to_plain(value)
+            if is_number(value):
+                self._sw.add_scalar(tag, float(value), step)
+        self._sw.flush()
+
     def close(self) -> None:
         self._sw.close()
