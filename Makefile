@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup test demo clean
 
-$(VENV)/.installed: setup.py requirements/cpu.txt
+$(VENV)/.installed: setup.py requirements/cpu.txt requirements/wandb-tests.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/cpu.txt -e ".[dev,hf,mpi]"
+	$(PY) -m pip install -q --target $(VENV)/wandb-site -r requirements/wandb-tests.txt
 	touch $@
 
 setup: $(VENV)/.installed
