@@ -1,10 +1,11 @@
 """tools/gpu_check.py, the script the first GPU session runs, kept from rotting on CPU.
 
 One subprocess run in CPU mode (tiny sizes, Triton's interpreter, gloo; ~45 s on 2 cores) must pass every
-section a-g, with only the parts CPU mode cannot do (the flash backend, performance targets) recorded as
-skipped, an identical loss trace after the signal-and-resume of section f, and a markdown report naming
-every section. The report plumbing (a failing check, a section that raises, one that overruns its cap, bad
-arguments) is checked in-process with stand-in sections, in well under a second each.
+section a-h, with only the parts CPU mode cannot do (the flash backend, performance targets, the CUDA peak)
+recorded as skipped, an identical loss trace after the signal-and-resume of section f, section h's
+measured / planned rows, and a markdown report naming every section. The report plumbing (a failing check,
+a section that raises, one that overruns its cap, bad arguments; section h's per-plan isolation and time
+skips) is checked in-process with stand-ins, in about a second each.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
-SECTIONS = "abcdefg"
+SECTIONS = "abcdefgh"
 CPU_LABEL = "CPU mode: correctness only, no performance numbers"
 
 
@@ -63,7 +64,7 @@ def test_cpu_mode_passes_every_section(cpu_run):
     assert CPU_LABEL in proc.stdout
     # the one-line summary closes the output and is the report's
     assert proc.stdout.strip().splitlines()[-1] == report["summary"]
-    assert report["summary"].startswith("gpu_check PASS: 7/7 sections ok")
+    assert report["summary"].startswith("gpu_check PASS: 8/8 sections ok")
     print(f"gpu_check --cpu took {seconds:.0f} s (report: {report['duration_s']} s)")
 
 
@@ -97,6 +98,42 @@ def test_cpu_mode_numbers_the_gpu_run_will_fill(cpu_run):
     assert {"one-base", "harpe-table", "harpe-fused"} <= set(secs["e"]["numbers"])
     assert secs["g"]["numbers"]["bench_rows"] and all(r["fused_matches_unfused"] for r in secs["g"]["numbers"]["bench_rows"])
     assert secs["f"]["numbers"]["throughput"]["tokens_per_s_median"] > 0
+
+
+def test_cpu_mode_section_h_rows_ratios_and_table(cpu_run):
+    """Section h on CPU: the tiny model's plans measured and judged; the JSON rows carry exactly the fields
+    the markdown table prints, one row per plan, with the ratios the checks judged."""
+    _, out, _ = cpu_run
+    tool = load_tool()
+    h = json.loads((out / "gpu_check.json").read_text())["sections"]["h"]
+    keys = [k for k, _ in tool.H_COLUMNS]
+    labels = [label for _, label in tool.H_COLUMNS]
+    rows = h["numbers"]["plans"]
+    assert len(rows) >= 6 and all(list(r) == keys for r in rows)
+    assert {r["layout"] for r in rows} == {"plain", "DO", "full(uniform,1)", "sel(core_attn)"}
+    assert len({r["seq"] for r in rows}) == 2 and {r["rope"] for r in rows} == {"unfused"}
+    for r in rows:
+        assert r["result"] == "pass", r
+        for comp, tol in tool.H_TOLERANCE.items():
+            assert set(r[comp]) == {"measured", "planned", "ratio", "within"}, r[comp]
+            if comp == "peak":  # no CUDA allocator on CPU: planned only
+                assert r[comp]["measured"] is None and r[comp]["ratio"] is None and r[comp]["planned"] > 0
+            else:
+                assert r[comp]["measured"] > 0 and abs(r[comp]["ratio"] - 1) <= tol and r[comp]["within"] is True
+                assert r[comp]["ratio"] == r[comp]["measured"] / r[comp]["planned"]
+        check = next(c for c in h["checks"]
+                     if c["name"].startswith(r["plan"] + " ") and "planned vs measured" in c["name"])
+        assert check["result"] == "pass" and check["value"] == {c: r[c]["ratio"] for c in tool.H_TOLERANCE
+                                                                 if c != "peak"}
+    assert set(h["numbers"]["results"]) == {r["plan"] for r in rows}
+    [table] = [t for t in h["tables"] if t["title"].startswith("measured / planned per plan")]
+    assert table["columns"] == labels and len(table["rows"]) == len(rows)
+    assert all(len(cells) == len(labels) and cells[0] == r["plan"] for cells, r in zip(table["rows"], rows))
+    md = (out / "gpu_check.md").read_text()
+    assert "| " + " | ".join(labels) + " |" in md
+    for r in rows:
+        assert f"| {r['plan']} | {r['seq']} | local | unfused | {r['layout']} | " in md
+    assert "= 1.000" in md and "(CPU mode: not measured)" in md
 
 
 def test_markdown_report_names_every_section(cpu_run):
@@ -166,6 +203,96 @@ def test_spent_budget_skips_the_remaining_sections(tool, monkeypatch, tmp_path):
     code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "a,b", "--budget", "1"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert code == 1 and all(s["status"].startswith("skipped: the run's") for s in report["sections"].values())
+
+
+def _h_stand_ins(tool, monkeypatch, measure):
+    """Section h without megatron-core: a stand-in world and a stand-in measurement built from the planner."""
+    import contextlib
+
+    from megatron_harpe.planning.measure import planned_bytes
+    from megatron_harpe.planning.memory import microbatch_activations, stage_memory
+
+    world = {"entered": 0, "left": 0}
+
+    @contextlib.contextmanager
+    def stand_in_world(sec, env):
+        world["entered"] += 1
+        try:
+            yield "stand-in"
+        finally:
+            world["left"] += 1
+
+    def planned(plan):
+        out = planned_bytes(plan, 0, 0)
+        out["activations"] = microbatch_activations(plan, 0, 0, 0)
+        out["peak_allocated"] = stage_memory(plan, 0).allocated
+        return out
+
+    def stand_in_measure(plan):
+        p = planned(plan)
+        return {"measured": measure(plan, dict(p, peak_allocated=None)), "planned": p, "loss": 1.0}
+
+    monkeypatch.setattr(tool, "_h_world", stand_in_world)
+    monkeypatch.setattr(tool, "_h_measure", stand_in_measure)
+    return world
+
+
+def test_section_h_isolates_each_plan_and_skips_what_does_not_fit(tool, monkeypatch, tmp_path):
+    seen = []
+
+    def measure(plan, measured):
+        seen.append(plan)
+        if len(seen) == 2:
+            raise RuntimeError("stand-in out of memory")
+        if len(seen) == 3:
+            measured["activations"] *= 1.2
+        return measured
+
+    world = _h_stand_ins(tool, monkeypatch, measure)
+    long_seq = max(tool.SIZES["cpu"]["h"]["seqs"])
+    monkeypatch.setattr(tool, "_h_estimate", lambda plan, done, env: 1e6 if plan.workload.seq_length == long_seq else 0)
+    code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "h"])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    h = report["sections"]["h"]
+    assert code == 1 and h["status"] == "fail" and world == {"entered": 1, "left": 1}
+    rows = h["numbers"]["plans"]
+    ran = [r for r in rows if r["seq"] != long_seq]
+    skipped = [r for r in rows if r["seq"] == long_seq]
+    assert [r["result"] for r in ran] == ["pass", "error: RuntimeError: stand-in out of memory",
+                                          "fail: activations 1.200"] + ["pass"] * (len(ran) - 3)
+    assert len(ran) >= 4 and len(seen) == len(ran)
+    assert skipped and all(r["result"] == "skipped (time)" and r["weights"] is None for r in skipped)
+    assert ran[2]["activations"]["within"] is False and ran[2]["weights"]["within"] is True
+    time_skips = [s for s in h["skipped"] if s["part"].startswith("plan ")]
+    assert len(time_skips) == len(skipped) and all(s["reason"].startswith("time: needs ~") for s in time_skips)
+    failed = [c["name"] for c in h["checks"] if c["result"] == "fail"]
+    assert failed == [f"{ran[1]['plan']} seq {ran[1]['seq']} local unfused RoPE {ran[1]['layout']}: builds, steps "
+                      "and is measured", f"{ran[2]['plan']} seq {ran[2]['seq']} local unfused RoPE "
+                      f"{ran[2]['layout']}: planned vs measured"]
+    assert "stand-in out of memory" in h["error"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "stand-in out of memory" in md and "= 1.200 (outside)" in md and "skipped (time)" in md
+
+
+def test_section_h_stopped_by_its_cap_keeps_its_rows(tool, monkeypatch, tmp_path):
+    def measure(plan, measured):
+        if plan.layout.recompute == "full":
+            time.sleep(30)  # interrupted by the section's alarm
+        return measured
+
+    world = _h_stand_ins(tool, monkeypatch, measure)
+    monkeypatch.setattr(tool, "_h_estimate", lambda plan, done, env: 0)
+    monkeypatch.setitem(tool.CAPS, "cpu", dict(tool.CAPS["cpu"], h=2))
+    monkeypatch.setattr(tool, "ALARM_GRACE_S", 0.0)
+    started = time.monotonic()
+    code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "h"])
+    assert time.monotonic() - started < 20
+    h = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["h"]
+    assert code == 1 and h["status"] == "timeout" and world == {"entered": 1, "left": 1}
+    results = [r["result"] for r in h["numbers"]["plans"]]
+    assert results[0] == "pass" and results[1] == "timeout (the section's cap)"
+    assert len(results) > 2 and all(r == "skipped (the section's cap)" for r in results[2:])
+    assert "during plan h2" in h["skipped"][-1]["reason"]
 
 
 @pytest.mark.parametrize("args", [["--sections", "a,z"], ["--sections", ","], ["--budget", "-1"], ["--bogus"]])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One script that proves the GPU path the moment a GPU is lent (docs/gpu_check.md).
 
-    PYTHONUNBUFFERED=1 python tools/gpu_check.py --out gpu_check_out           # a GPU: ~5-7 minutes
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --out gpu_check_out           # a GPU: ~5-7.5 minutes
     python tools/gpu_check.py --cpu --out /tmp/gc                              # CPU: correctness only, < 60 s
 
 Sections (each runs on its own: a failing one is recorded with its traceback and the next one runs;
@@ -19,6 +19,10 @@ each has a time cap, and the part of a section left when its cap is reached is s
   f  harpe-train on one GPU: ~100M HARPE model, distributed optimizer + overlaps, 30 iterations; the same
      run stopped by SIGTERM after 15 and resumed must give the same loss trace; tokens/s and MFU
   g  the fused-RoPE benchmark (tools/bench_rope.py) at 32k and 128k tokens
+  h  harpe-plan's memory model vs one GPU step: a Llama-2-7B-width model cut to 4 layers, seq 16k and 32k,
+     plain / distributed optimizer / full / selective recompute, fused and unfused HARPE RoPE
+     (planning/measure.py in a world of one): weights, gradients, optimizer state, saved activations and
+     torch.cuda.max_memory_allocated over the second step, each measured / planned
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md (rewritten after every section, so a run killed
 half way still leaves a report), prints progress as it goes and ends with a one-line summary.
@@ -60,7 +64,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 CPU_LABEL = "CPU mode: correctness only, no performance numbers"
-SECTION_ORDER = "abcdefg"
+SECTION_ORDER = "abcdefgh"
 TITLES = {
     "a": "environment",
     "b": "HARPE rotary on the device (table + megatron-core apply, fused kernel) vs float64",
@@ -69,6 +73,7 @@ TITLES = {
     "e": "one Llama-2-7B-shaped layer, fwd+bwd: one-base RoPE vs HARPE table vs HARPE fused",
     "f": "harpe-train on one device: distributed optimizer + overlaps, SIGTERM, exact resume, tokens/s, MFU",
     "g": "fused-RoPE benchmark (tools/bench_rope.py)",
+    "h": "planner vs one GPU step: harpe-plan's memory model against a built model's bytes and peak",
 }
 PROVES = {
     "a": "what the machine is, and whether the fast attention backend exists for the shapes the model uses",
@@ -82,9 +87,11 @@ PROVES = {
     "f": "the trainer runs on the device with the production parallel options, stops on a signal with a "
          "checkpoint and resumes to the same loss trace; its throughput",
     "g": "the fused kernel's bandwidth against a copy and against one-base RoPE, and its memory",
+    "h": "harpe-plan's memory per GPU (model state exact, activations and the step's peak modelled) is what a "
+         "built model holds on the device: measured / planned for each part, per layout and RoPE kernel",
 }
 
-# Sizes per mode. gpu: the real check (~5-7 min on an H200); quick: a smoke run; cpu: tiny, correctness only.
+# Sizes per mode. gpu: the real check (~5-7.5 min on an H200); quick: a smoke run; cpu: tiny, correctness only.
 SIZES = {
     "gpu": {
         "b": dict(seq=8192, hq=32, hk=8, d=128),
@@ -94,6 +101,7 @@ SIZES = {
         "f": dict(layers=8, hidden=768, ffn=2048, heads=12, groups=4, vocab=32000, seq=8192, global_batch=4,
                   iterations=30, signal_at=15, lr=3e-4),
         "g": dict(seqs=(32768, 131072), repeat=10, shapes="gpu"),
+        "h": dict(model="llama2-7b-width", layers=4, seqs=(16384, 32768)),
     },
     "quick": {
         "b": dict(seq=2048, hq=32, hk=8, d=128),
@@ -103,6 +111,7 @@ SIZES = {
         "f": dict(layers=4, hidden=768, ffn=2048, heads=12, groups=4, vocab=32000, seq=2048, global_batch=4,
                   iterations=10, signal_at=5, lr=3e-4),
         "g": dict(seqs=(4096, 16384), repeat=5, shapes="gpu"),
+        "h": dict(model="llama2-7b-width", layers=2, seqs=(4096, 8192)),
     },
     "cpu": {
         "b": dict(seq=256, hq=4, hk=2, d=32),
@@ -112,16 +121,18 @@ SIZES = {
         "f": dict(layers=2, hidden=64, ffn=176, heads=4, groups=2, vocab=256, seq=128, global_batch=4,
                   iterations=6, signal_at=3, lr=3e-3),
         "g": dict(seqs=(64,), repeat=1, shapes="cpu"),
+        "h": dict(model="tiny", layers=2, seqs=(64, 128)),
     },
 }
-# Time caps per section (seconds) and the whole run's budget. GPU caps add up to the 7-minute budget;
-# the estimates of what each section needs on an H200 are in docs/gpu_check.md.
+# Time caps per section (seconds) and the whole run's budget. GPU caps add up to 510 s inside the 520 s
+# budget (under the lent device's 600 s command limit); the estimates of what each section needs on an
+# H200 are in docs/gpu_check.md.
 CAPS = {
-    "gpu": dict(a=15, b=45, c=25, d=60, e=85, f=130, g=60),
-    "quick": dict(a=15, b=40, c=25, d=40, e=60, f=100, g=40),
-    "cpu": dict(a=20, b=40, c=30, d=30, e=60, f=120, g=60),
+    "gpu": dict(a=15, b=45, c=25, d=60, e=85, f=130, g=60, h=90),
+    "quick": dict(a=15, b=40, c=25, d=40, e=60, f=100, g=40, h=60),
+    "cpu": dict(a=20, b=40, c=30, d=30, e=60, f=120, g=60, h=40),
 }
-BUDGET = {"gpu": 430.0, "quick": 330.0, "cpu": 300.0}
+BUDGET = {"gpu": 520.0, "quick": 390.0, "cpu": 300.0}
 ALARM_GRACE_S = 5.0  # past its cap a section is interrupted by SIGALRM (it also checks its deadline itself)
 
 # Tolerances (relative to |z| = sqrt(x1^2 + x2^2), the magnitude of the rotated pair, which the rotation
@@ -1226,8 +1237,348 @@ def section_g(sec: Section, env: Env) -> None:
         sec.skip("bandwidth targets", "CPU mode: no performance numbers")
 
 
+# ============================================================================ h. planner vs one GPU step
+#: The row fields of section h: (key in numbers["plans"], column of the markdown table), one to one.
+H_COLUMNS = (("plan", "plan"), ("seq", "seq"), ("backend", "spec"), ("rope", "RoPE"), ("layout", "layout"),
+             ("weights", "weights"), ("grads", "grads"), ("optimizer", "optimizer"),
+             ("activations", "activations"), ("peak", "peak allocated"), ("result", "result"), ("seconds", "s"))
+#: measured / planned must lie within 1 +- tolerance (model state is exact by construction; activations and
+#: the step's peak are modelled).
+H_TOLERANCE = {"weights": 0.01, "grads": 0.01, "optimizer": 0.01, "activations": 0.10, "peak": 0.10}
+H_TOLERANCE_TEXT = "measured / planned: model state within 1%, activations and peak within 10%"
+
+
+def _h_model(z: Dict[str, Any]):
+    from megatron_harpe.planning.spec import PRESETS, ModelShape
+
+    if z["model"] == "tiny":
+        return PRESETS["tiny"]
+    # Llama-2-7B's width (hidden 4096, FFN 11008, 32 heads x 128, MHA, vocab 32000), fewer layers
+    return ModelShape(z["layers"], 4096, 11008, 32, 32, 128, 32000, position="harpe",
+                      name=f"llama2-7b-width-{z['layers']}-layers")
+
+
+def _h_plans(env: Env, te: bool) -> List[Dict[str, Any]]:
+    """The plans of section h, cheapest and most informative first: the shorter sequence before the longer;
+    at each, the plain layout, the unfused RoPE (its cos/sin terms and angle table), full recompute (the
+    recompute working set), selective core_attn; Transformer Engine's spec (the modelled path) right after
+    the plain local plan when TE imports, and more TE plans after both lengths; the distributed optimizer
+    last (at DP 1 it only pads the buffers, which CPU runs check byte for byte)."""
+    from megatron_harpe.planning.spec import Layout, Plan, Workload
+
+    z = env.sizes["h"]
+    model = _h_model(z)
+    plain, dist_opt = Layout(), Layout(dist_opt=True)
+    full = Layout(recompute="full", recompute_method="uniform", recompute_num_layers=1)
+    sel = Layout(recompute="selective", recompute_modules=("core_attn",))
+    # CPU: measure.py builds CPU models with megatron-core's unfused apply, so only unfused plans match
+    k0 = "fused" if env.cuda else "unfused"
+    order = []
+    for seq in z["seqs"]:
+        order.append((seq, "local", k0, plain))
+        if te:
+            order.append((seq, "te", "fused", plain))
+        if env.cuda:
+            order.append((seq, "local", "unfused", plain))
+        order += [(seq, "local", k0, full), (seq, "local", k0, sel)]
+    if te:
+        s1 = z["seqs"][0]
+        order += [(s1, "te", "fused", full), (s1, "te", "fused", sel), (s1, "te", "unfused", plain)]
+    order += [(seq, "local", k0, dist_opt) for seq in z["seqs"]]
+    plans = []
+    for i, (seq, backend, kernel, layout) in enumerate(order):
+        workload = Workload(seq_length=seq, micro_batch=1, global_batch=1, precision="bf16", backend=backend,
+                            device="gpu" if env.cuda else "cpu", rope_kernel=kernel)
+        flags = layout.describe().replace("TP1 CP1 PP1 DP1", "").strip() or "plain"
+        plans.append(dict(id=f"h{i + 1}", plan=Plan(model, layout, workload), seq=seq, backend=backend,
+                          rope=kernel, layout=flags))
+    return plans
+
+
+@contextlib.contextmanager
+def _h_world(sec: Section, env: Env):
+    """A torch.distributed world of one process for measure.py: NCCL on a GPU (probed with one all-reduce),
+    gloo if NCCL fails or on CPU; an existing world of one is used as it is. Yields the backend's name."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"a process group of {dist.get_world_size()} ranks exists; section h needs one")
+        yield str(dist.get_backend())
+        return
+    backend = None
+    if env.cuda:
+        try:
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=120))
+            probe = torch.ones(1, device=env.device)
+            dist.all_reduce(probe)
+            torch.cuda.synchronize()
+            backend = "nccl"
+        except SectionTimeout:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+            raise
+        except Exception as err:  # noqa: BLE001 - gloo instead
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            sec.note(f"NCCL world of one failed ({type(err).__name__}: {first}); gloo instead (collectives on CUDA "
+                     "tensors that gloo lacks will fail their plan)")
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+    if backend is None:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "gloo"
+    try:
+        yield backend
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def _h_measure(plan) -> Dict[str, Any]:
+    """One plan built and stepped in this process (planning/measure.py; on a GPU two steps, the second's
+    torch.cuda.max_memory_allocated as measured["peak_allocated"])."""
+    from megatron_harpe.planning.measure import measure_in_process
+
+    return measure_in_process([plan])[0]
+
+
+def _h_estimate(plan, done: List[tuple], env: Env) -> float:
+    """Seconds plan is expected to take: the fastest plan so far at the same sequence length (the first plan
+    also pays one-off costs: importing megatron-core when the section runs alone, torch.compile of the fused
+    SwiGLU / bias-dropout-add on a GPU), else the fastest at the last length scaled by (seq ratio)^1.5
+    (+10 s on a GPU for torch.compile at a new shape), else a first-plan guess."""
+    seq = plan.workload.seq_length
+    same = [t for s, t in done if s == seq]
+    if same:
+        est = min(same)
+    elif done:
+        s0 = done[-1][0]
+        est = min(t for s, t in done if s == s0) * (seq / s0) ** 1.5 + (10.0 if env.cuda else 0.0)
+    else:
+        est = 30.0 if env.cuda else 8.0
+    if plan.layout.recompute == "full":
+        est *= 1.3
+    return est + 2.0
+
+
+def _h_bytes(measured: Optional[float], planned: Optional[float]) -> str:
+    ref = planned or measured or 0
+    unit, div = next(((u, d) for u, d in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)) if ref >= d),
+                     ("B", 1))
+    show = lambda n: "-" if n is None else f"{n / div:.4g}"  # noqa: E731
+    return f"{show(measured)} / {show(planned)} {unit}"
+
+
+def _h_cell(comp: Optional[Dict[str, Any]], cpu: bool) -> str:
+    if not comp:
+        return "-"
+    text = _h_bytes(comp["measured"], comp["planned"])
+    if comp["ratio"] is None:
+        return text + (" (CPU mode: not measured)" if cpu else "")
+    return f"{text} = {comp['ratio']:.3f}" + ("" if comp["within"] else " (outside)")
+
+
+def _h_publish(sec: Section, rows: List[Dict[str, Any]], env: Env) -> None:
+    """(Re)write section h's rows and its table, so a section stopped half way still reports what ran."""
+    sec.record["numbers"]["plans"] = _jsonable(rows)
+    table_rows = []
+    for r in rows:
+        cells = []
+        for key, _ in H_COLUMNS:
+            v = r[key]
+            if key in H_TOLERANCE:
+                cells.append(_h_cell(v, env.cpu))
+            elif key == "seconds":
+                cells.append("-" if v is None else f"{v:.1f}")
+            else:
+                cells.append(v)
+        table_rows.append(cells)
+    title = ("measured / planned per plan (one process, micro-batch 1, bf16)"
+             + (f" [{CPU_LABEL}]" if env.cpu else ""))
+    table = {"title": title, "columns": [label for _, label in H_COLUMNS], "rows": _jsonable(table_rows),
+             "note": "each cell: measured / planned = ratio, (outside) when beyond the tolerance (weights, grads, "
+                     "optimizer 1%; activations, peak 10%). activations: bytes autograd saves in one micro-batch's "
+                     "forward (planning/measure.py); peak: torch.cuda.max_memory_allocated over the second step "
+                     "minus what was allocated before the plan was built, against harpe-plan's 'allocated at the "
+                     "peak'; s: build + steps + measuring"}
+    tables = sec.record["tables"]
+    for i, t in enumerate(tables):
+        if t["title"] == title:
+            tables[i] = table
+            break
+    else:
+        tables.append(table)
+
+
+def section_h(sec: Section, env: Env) -> None:
+    import torch
+
+    from megatron_harpe.planning.memory import stage_memory
+    from megatron_harpe.planning.spec import check_plan
+
+    z = env.sizes["h"]
+    te = False
+    if env.cuda:
+        from megatron_harpe.models.spec import transformer_engine_available
+
+        te = transformer_engine_available()
+        if not te:
+            sec.note("Transformer Engine not importable: only the local spec is measured (backend te plans need TE)")
+    else:
+        sec.skip("fused-RoPE plans", "CPU mode: measure.py builds CPU models with megatron-core's unfused apply; "
+                 "the fused kernel's plans run on a GPU")
+        sec.skip("peak allocated (torch.cuda.max_memory_allocated)", "CPU mode: no CUDA caching allocator")
+        sec.skip("Transformer Engine spec plans", "CPU mode: Transformer Engine needs a GPU")
+    plans = _h_plans(env, te)
+    model = plans[0]["plan"].model
+    sec.number("model", dict(name=model.name, layers=model.num_layers, hidden=model.hidden_size,
+                             ffn=model.ffn_hidden_size, heads=model.num_attention_heads,
+                             groups=model.num_query_groups, head_dim=model.head_dim, vocab=model.vocab_size,
+                             parameters=model.parameters, seqs=list(z["seqs"]), micro_batch=1, precision="bf16"))
+    sec.log(f"model {model.name}: {model.num_layers} layers, hidden {model.hidden_size}, {model.parameters / 1e6:.1f}M "
+            f"parameters; {len(plans)} plans at seq {', '.join(str(s) for s in z['seqs'])}; "
+            f"{sec.remaining():.0f} s for them")
+    rows: List[Dict[str, Any]] = []
+    results: Dict[str, Any] = {}
+    sec.record["numbers"]["results"] = results
+    done: List[tuple] = []
+    measured_count = 0
+
+    def empty_row(item, result: str, seconds: Optional[float] = None) -> Dict[str, Any]:
+        row = {key: None for key, _ in H_COLUMNS}
+        row.update(plan=item["id"], seq=item["seq"], backend=item["backend"], rope=item["rope"],
+                   layout=item["layout"], result=result, seconds=seconds)
+        return row
+
+    def label(item) -> str:
+        return f"{item['id']} seq {item['seq']} {item['backend']} {item['rope']} RoPE {item['layout']}"
+
+    free_failed: List[str] = []
+
+    def free() -> None:
+        """After each plan on a GPU: its model and optimizer (reference cycles: gc) and the allocator's cache.
+        On CPU nothing is held on a device and a full gc costs ~0.3 s a plan: skipped. A failure (a broken
+        CUDA context) is noted once; the next plan then fails on its own."""
+        if not env.cuda:
+            return
+        try:
+            _free(env)
+        except SectionTimeout:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if not free_failed:
+                sec.note(f"freeing GPU memory between plans failed: {type(err).__name__}: {err}"[:400])
+            free_failed.append(str(err))
+
+    def baseline() -> Optional[int]:
+        """What is allocated before a plan is built (its peak is taken relative to it); peak stats reset."""
+        if not env.cuda:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return int(torch.cuda.memory_allocated())
+
+    free()  # what earlier sections left in the allocator's cache
+
+    with _h_world(sec, env) as backend:
+        sec.number("world", {"backend": backend, "size": 1})
+        sec.log(f"world of one process, {backend}")
+        index = 0
+        try:
+            for index, item in enumerate(plans):
+                plan = item["plan"]
+                est = _h_estimate(plan, done, env)
+                left = sec.remaining()
+                if left < est:
+                    reason = f"time: needs ~{est:.0f} s, {max(left, 0):.0f} s left of the section's cap"
+                    sec.skip(f"plan {label(item)}", reason)
+                    rows.append(empty_row(item, "skipped (time)"))
+                    _h_publish(sec, rows, env)
+                    continue
+                sec.log(f"  {label(item)} (~{est:.0f} s) ...")
+                base = None
+                started = _now()
+                error = None
+                try:
+                    check_plan(plan)
+                    base = baseline()
+                    r = _h_measure(plan)
+                except SectionTimeout:
+                    raise
+                except Exception as err:  # noqa: BLE001 - recorded; the next plan runs
+                    error = (f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
+                             traceback.format_exc())
+                    r = None
+                seconds = _now() - started
+                done.append((item["seq"], seconds))
+                if error is not None:
+                    rows.append(empty_row(item, f"error: {error[0]}", seconds))
+                    sec.record["error"] = ((sec.record["error"] or "") + f"plan {label(item)} raised:\n"
+                                           + error[1][-3000:] + "\n")
+                    sec.check(f"{label(item)}: builds, steps and is measured", False, value=error[0],
+                              detail="traceback at the end of the section")
+                    _h_publish(sec, rows, env)
+                    free()
+                    continue
+                measured_count += 1
+                meas, plnd = r["measured"], r["planned"]
+                peak = None
+                if meas.get("peak_allocated") is not None:
+                    peak = int(meas["peak_allocated"]) - (base or 0)
+                row = empty_row(item, "pass", seconds)
+                ratios, outside = {}, []
+                for comp, tol in H_TOLERANCE.items():
+                    m = peak if comp == "peak" else meas.get(comp)
+                    p = plnd.get("peak_allocated" if comp == "peak" else comp)
+                    ratio = None
+                    if m is not None and p is not None:
+                        ratio = (m / p) if p else (1.0 if m == 0 else float("inf"))
+                    within = None if ratio is None else abs(ratio - 1.0) <= tol
+                    row[comp] = {"measured": m, "planned": p, "ratio": ratio, "within": within}
+                    if ratio is not None:
+                        ratios[comp] = ratio
+                    if within is False:
+                        outside.append(f"{comp} {ratio:.3f}")
+                if outside:
+                    row["result"] = "fail: " + ", ".join(outside)
+                rows.append(row)
+                extra = {}
+                if env.cuda:
+                    extra = {"allocated_before_plan": base,
+                             "planned_total_with_allowances": stage_memory(plan, 0).total}
+                    with contextlib.suppress(Exception):
+                        extra["max_memory_reserved"] = int(torch.cuda.max_memory_reserved())
+                results[item["id"]] = _jsonable({"label": label(item), "measured": meas, "planned": plnd,
+                                                 "loss": r.get("loss"), "seconds": seconds, **extra})
+                sec.check(f"{label(item)}: planned vs measured", not outside, value=ratios, tolerance=H_TOLERANCE_TEXT,
+                          detail=("outside: " + ", ".join(outside)) if outside else "")
+                del r, meas, plnd
+                _h_publish(sec, rows, env)
+                free()
+        except SectionTimeout as err:
+            # the hard stop fired inside a plan: it and the plans after it are recorded as not run
+            for item in plans[index:]:
+                if any(row["plan"] == item["id"] for row in rows):
+                    continue
+                rows.append(empty_row(item, ("timeout" if item is plans[index] else "skipped")
+                                      + " (the section's cap)"))
+            _h_publish(sec, rows, env)
+            raise SectionTimeout(f"during plan {plans[index]['id']}: {err}") from None
+    _h_publish(sec, rows, env)
+    sec.check("at least one plan measured", measured_count > 0, value=f"{measured_count} of {len(plans)} plans")
+    if env.cuda:
+        bases = {k: v.get("allocated_before_plan") for k, v in results.items()}
+        sec.number("allocated_before_plan_bytes", bases)
+        known = [b for b in bases.values() if b is not None]
+        if known and max(known) - min(known) > 2 ** 30:
+            sec.note(f"memory allocated between plans grew from {_gib(min(known))} to {_gib(max(known))}: something "
+                     "outlived its plan (each plan's peak is taken relative to its own start)")
+
+
 SECTION_FUNCS = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e, "f": section_f,
-                 "g": section_g}
+                 "g": section_g, "h": section_h}
 
 
 # ============================================================================ the report
@@ -1298,7 +1649,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
                 L.append("")
                 L.append(f"_{t['note']}_")
             L.append("")
-        scalars = {k: v for k, v in sec["numbers"].items() if k not in ("bench_rows", "loss_trace")}
+        scalars = {k: v for k, v in sec["numbers"].items() if k not in ("bench_rows", "loss_trace", "plans",
+                                                                         "results")}
         if scalars:
             L.append("<details><summary>numbers</summary>")
             L.append("")
@@ -1347,10 +1699,10 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="run directories and logs of section f (default <out>/work); "
                     "on the lent device put it outside $OUT, which returns at most 8 files")
     ap.add_argument("--cpu", action="store_true", help="CPU mode even where CUDA exists (tiny sizes, correctness only)")
-    ap.add_argument("--sections", default=",".join(SECTION_ORDER), help="comma-separated subset of a,b,c,d,e,f,g")
+    ap.add_argument("--sections", default=",".join(SECTION_ORDER), help="comma-separated subset of a,b,c,d,e,f,g,h")
     ap.add_argument("--quick", action="store_true", help="smaller GPU sizes (a smoke run)")
-    ap.add_argument("--budget", type=float, default=None, help="whole-run time budget in seconds (default: gpu 430, "
-                    "quick 330, cpu 300); later sections are skipped when it runs out")
+    ap.add_argument("--budget", type=float, default=None, help="whole-run time budget in seconds (default: gpu 520, "
+                    "quick 390, cpu 300); later sections are skipped when it runs out")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep section f's checkpoints (default: deleted)")
     args = ap.parse_args(argv)
     keys = [s.strip().lower() for s in args.sections.split(",") if s.strip()]
@@ -1432,7 +1784,7 @@ def main(argv=None) -> int:
             sec.skip("the rest of the section", str(err))
         except Exception:  # noqa: BLE001 - recorded; the next section runs
             sec.record["status"] = "error"
-            sec.record["error"] = traceback.format_exc()
+            sec.record["error"] = (sec.record["error"] + "\n" if sec.record["error"] else "") + traceback.format_exc()
             log(sec.record["error"])
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
