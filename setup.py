@@ -28,6 +28,9 @@ setup(
         "matplotlib",
         "psutil",
         "sentencepiece>=0.2.0",
+        # the data tools read corpora as they are published: .jsonl.zst (SlimPajama) and Parquet (HF datasets)
+        "zstandard>=0.20",
+        "pyarrow>=14.0.1",
         "pybind11>=2.10",
         "tensorboard",
     ],

@@ -1,7 +1,7 @@
 """JSON in and out for the data tools and the evaluation inputs.
 
-Reading: the tokenizer trainer and the evaluation haystacks accept the same ``.jsonl``/``.jsonl.gz``
-files, so they must agree on what counts as a jsonl file and which of its lines are records; only
+Reading: the tokenizer trainer and the evaluation haystacks accept the same ``.jsonl``/``.jsonl.gz``/
+``.jsonl.zst`` files, so they must agree on what counts as a jsonl file and which of its lines are records; only
 the wording of a bad line differs (each names its own flag), so the caller builds that error.
 
 Writing: a report is written under a temporary name and renamed, so that a crash or Ctrl-C never
@@ -26,7 +26,7 @@ def is_jsonl(path: str) -> bool:
 
 def iter_jsonl_fields(path: str, keys: Sequence[str],
                       bad_line: Callable[[int, str | None], Exception]) -> Iterator[tuple[int, list]]:
-    """(line number, the value of every key) for each non-blank line of a jsonl file (gzip allowed).
+    """(line number, the value of every key) for each non-blank line of a jsonl file (gzip and zstd allowed).
 
     A line that is not JSON raises ``bad_line(lineno, None)``; one that lacks a key raises
     ``bad_line(lineno, key)`` before anything of that line is yielded. Values are returned as

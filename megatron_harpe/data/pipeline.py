@@ -1,11 +1,21 @@
 """The tokenization engine shared by harpe-preprocess and harpe-upsample.
 
-The main process reads the inputs in blocks of whole lines (a few MB, raw bytes, gzip
+The main process reads the inputs in blocks of whole lines (a few MB, raw bytes, gzip or zstd
 decompressed) and hands them to ``workers`` processes; each worker parses the JSON lines,
 tokenizes the texts, and returns the tokens of the whole block as one numpy array plus one
 length per document (cheap to pickle, no Python int lists crossing processes). Results come
 back in input order, so the output does not depend on the number of workers. At most
 ``2 * workers + 2`` blocks are in flight (reading never runs ahead of tokenization).
+
+zstd is decompressed by the main process like gzip: a zstd frame can only be decoded from its
+start (a SlimPajama chunk is one frame), and the main process decompresses ~1 GB/s, far more than
+the workers tokenize. Parquet row groups are the blocks: row groups of up to two blocks are grouped
+into slices that the worker reads itself (the main process sends the path and the row group
+numbers, so decoding is spread over the workers), and a larger row group is read by the main
+process a batch at a time and sent as pyarrow arrays (parquet_input.py). Either way the worker
+turns the rows into the same (row, texts, source) records a jsonl block gives, so everything after
+parsing, and so every token id, is shared; blocks stay a few MB whatever the file's layout, and
+the input order, hence the output, does not depend on the number of workers.
 
 Bad lines (malformed JSON, invalid UTF-8, a missing key, a non-string value) are collected
 with file and line; the caller either stops at the first one or counts and skips them.
@@ -26,10 +36,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from megatron_harpe.data.inputs import DataError, get_field, open_binary
+from megatron_harpe.data.inputs import CorruptInputError, DataError, get_field, open_binary
+from megatron_harpe.data.parquet_input import (ArrowBlock, ParquetSlice, column_values, forget_open_files, is_parquet,
+                                               iter_parquet_tasks, plan_columns, read_slice)
 from megatron_harpe.data.tokenizer import Tokenizer, load_tokenizer, token_dtype
 
-__all__ = ["EncodeOptions", "ChunkResult", "BadLine", "run_pipeline", "Progress", "BLOCK_BYTES"]
+__all__ = ["EncodeOptions", "ChunkResult", "BadLine", "run_pipeline", "check_inputs", "Progress", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 4 << 20
 MAX_BAD_REPORTED = 20
@@ -56,8 +68,11 @@ class BadLine:
     file: str
     line: int
     reason: str
+    unit: str = "line"    # "row" for Parquet (numbered from 0, as datasets/pandas index rows)
 
     def __str__(self) -> str:
+        if self.unit == "row":
+            return f"{self.file}: row {self.line}: {self.reason}"
         return f"{self.file}:{self.line}: {self.reason}"
 
 
@@ -77,6 +92,7 @@ class ChunkResult:
     blank: int = 0
     replaced_utf8: int = 0
     cache_disabled: str | None = None
+    unit: str = "line"     # what ``start_line`` and the bad entries count: "line" (jsonl) or "row" (Parquet)
 
     def add_bad(self, line: int, kind: str, reason: str) -> None:
         """Count a bad line by kind; only the first few reasons travel back (the caller reports a handful)."""
@@ -107,13 +123,24 @@ def _make_tokenizer(options: EncodeOptions) -> Tokenizer:
     return load_tokenizer(options.tokenizer_type, options.tokenizer_model, eod_token=options.eod_token)
 
 
-def _process_block(task: tuple[int, int, bytes]) -> ChunkResult:
-    """One block of whole input lines -> the tokens of its documents (runs in a worker)."""
+def _process_block(task: tuple[int, int, bytes | ArrowBlock | ParquetSlice]) -> ChunkResult:
+    """One block of whole input lines, or of Parquet rows (a batch read by the main process, or row
+    groups this worker reads itself) -> the tokens of its documents (runs in a worker)."""
     file_index, start_line, data = task
     tok: Tokenizer = _STATE["tok"]
     opt: EncodeOptions = _STATE["options"]
-    res = ChunkResult(file_index, start_line, len(data), {}, {}, [] if opt.source_key else None)
-    parsed = _parse_block(data, start_line, opt, res)
+    if isinstance(data, ParquetSlice):
+        res = ChunkResult(file_index, start_line, data.size, {}, {}, [] if opt.source_key else None, unit="row")
+        parsed = []
+        for first_row, block in read_slice(data, start_line, opt.json_keys, opt.source_key):
+            parsed.extend(_parse_arrow(block, first_row, opt, res))
+    elif isinstance(data, ArrowBlock):
+        nbytes = sum(a.nbytes for a in data.texts)
+        res = ChunkResult(file_index, start_line, nbytes, {}, {}, [] if opt.source_key else None, unit="row")
+        parsed = _parse_arrow(data, start_line, opt, res)
+    else:
+        res = ChunkResult(file_index, start_line, len(data), {}, {}, [] if opt.source_key else None)
+        parsed = _parse_block(data, start_line, opt, res)
     # tokenize the block key by key (one batch call where the tokenizer has one)
     encoded = {key: _encode_verified(tok, [p[1][k] for p in parsed], [p[0] for p in parsed], res)
                for k, key in enumerate(opt.json_keys)}
@@ -148,6 +175,47 @@ def _parse_block(data: bytes, start_line: int, opt: EncodeOptions, res: ChunkRes
             if src is None:
                 continue
         parsed.append((lineno, texts, src))
+    return parsed
+
+
+def _parse_arrow(block: ArrowBlock, start_row: int, opt: EncodeOptions, res: ChunkResult) -> list:
+    """(row number, text per key, source) of every good row of a Parquet batch; the column types were
+    checked from the file's footer, so what is left to find here is a null (jsonl's null: "not a
+    string" / "bad source") and bytes that are not UTF-8."""
+    columns = []
+    bad_utf8: dict = {}
+    for key, array in zip(opt.json_keys, block.texts):
+        values, bad = column_values(array, opt.replace_invalid_utf8)
+        columns.append(values)
+        for i, reason in bad.items():
+            bad_utf8.setdefault(i, (key, reason))
+    sources = None
+    if opt.source_key:
+        sources, bad = column_values(block.source, opt.replace_invalid_utf8)
+        for i, reason in bad.items():
+            bad_utf8.setdefault(i, (opt.source_key, reason))
+    parsed: list = []
+    for i in range(block.rows):
+        row = start_row + i
+        if i in bad_utf8:
+            key, reason = bad_utf8[i]
+            if reason is not None:
+                res.add_bad(row, "invalid UTF-8", f"column {key!r}: {reason}; fix the encoding, or pass "
+                                                  f"--replace-invalid-utf8 to replace such bytes with U+FFFD")
+                continue
+            res.replaced_utf8 += 1
+        texts = [c[i] for c in columns]
+        null = next((k for k, t in zip(opt.json_keys, texts) if t is None), None)
+        if null is not None:
+            res.add_bad(row, "not a string", f"column {null!r} is null, not a string")
+            continue
+        src = None
+        if sources is not None:
+            src = sources[i]
+            if src is None:
+                res.add_bad(row, "bad source", f"source column {opt.source_key!r} is null, not a name")
+                continue
+        parsed.append((row, texts, src))
     return parsed
 
 
@@ -279,9 +347,24 @@ def _collect_documents(parsed: list, encoded: dict, tok: Tokenizer, opt: EncodeO
 # ----------------------------------------------------------------------------- main side
 
 
-def _read_blocks(files: list[str], block_bytes: int, position: list) -> Iterator[tuple[int, int, bytes]]:
-    """(file index, first line number, bytes of whole lines); `position` tracks bytes read."""
+def check_inputs(files: list[str], options: EncodeOptions) -> None:
+    """What can be known to be wrong before any work: each Parquet file's footer is read (a truncated
+    file, a key's column missing or of another type). jsonl lines are checked as they are read."""
+    for path in files:
+        if is_parquet(path):
+            plan_columns(path, options.json_keys, options.source_key)
+
+
+def _read_blocks(files: list[str], block_bytes: int, position: list,
+                 options: EncodeOptions) -> Iterator[tuple[int, int, bytes | ArrowBlock | ParquetSlice]]:
+    """(file index, first line number, bytes of whole lines) or, for Parquet, (file index, first row,
+    ArrowBlock or ParquetSlice); `position` tracks bytes read (compressed bytes for compressed inputs)."""
     for fi, path in enumerate(files):
+        if is_parquet(path):
+            for row, block in iter_parquet_tasks(path, options.json_keys, options.source_key, block_bytes,
+                                                 position):
+                yield fi, row, block
+            continue
         line = 1
         rest = b""
         try:
@@ -294,6 +377,8 @@ def _read_blocks(files: list[str], block_bytes: int, position: list) -> Iterator
             while True:
                 try:
                     buf = f.read(block_bytes)
+                except CorruptInputError as e:  # zstd: truncated or corrupt
+                    raise DataError(f"cannot read input {path} after line {line}: {e.reason}") from None
                 except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
                     raise DataError(f"cannot read input {path} after line {line}: {e} "
                                     f"(truncated or corrupt file?)") from None
@@ -375,11 +460,15 @@ def run_pipeline(files: list[str], options: EncodeOptions, workers: int,
     """
     position = [0]
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    blocks = _read_blocks(files, block_bytes, position)
+    check_inputs(files, options)
+    blocks = _read_blocks(files, block_bytes, position, options)
     if workers <= 0:
         _worker_init_inline(options)
-        for task in blocks:
-            on_result(_process_block(task), position[0])
+        try:
+            for task in blocks:
+                on_result(_process_block(task), position[0])
+        finally:
+            forget_open_files()
         return
     # The main thread reads and submits; at most `in_flight` blocks are queued or being
     # tokenized (reading never runs far ahead), and results are taken in submission order.

@@ -1,4 +1,4 @@
-"""harpe-preprocess: jsonl -> megatron-core indexed dataset (.bin/.idx).
+"""harpe-preprocess: jsonl (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet -> megatron-core indexed dataset (.bin/.idx).
 
     harpe-preprocess --input 'data/*.jsonl.gz' --tokenizer-type sentencepiece \\
         --tokenizer-model llama2/tokenizer.model --output-prefix out/slimpj --workers 16 --append-eod
@@ -43,12 +43,15 @@ def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
 def add_input_args(p: argparse.ArgumentParser, multi_keys: bool = True, input_required: bool = True) -> None:
     g = p.add_argument_group("input data")
     g.add_argument("--input", nargs="+", required=input_required, default=[],
-                   help="jsonl or jsonl.gz files; globs allowed (quote them); several files are read in order")
+                   help="jsonl, jsonl.gz, jsonl.zst or Parquet files; globs allowed (quote them); several files "
+                        "are read in order")
     if multi_keys:
         g.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="keys to extract (one output per key; dotted keys reach into objects)")
+                       help="keys to extract (one output per key; dotted keys reach into objects, and into "
+                            "struct columns of Parquet files)")
     else:
-        g.add_argument("--json-keys", nargs=1, default=["text"], help="the key holding the text")
+        g.add_argument("--json-keys", nargs=1, default=["text"],
+                       help="the key (Parquet: the column) holding the text")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="count and skip lines that are not valid JSON objects with the keys (default: stop "
                         "at the first one, naming file and line)")
@@ -119,12 +122,13 @@ class Tally:
     def add(self, res: ChunkResult) -> None:
         path = self.files[res.file_index]
         if res.bad_count:
-            first = BadLine(path, *res.bad[0])
+            first = BadLine(path, *res.bad[0], unit=res.unit)
             if not self.skip_bad:
-                raise DataError(f"{first}\n  fix the line, or pass --skip-bad-lines to count and skip bad lines")
+                raise DataError(f"{first}\n  fix the {res.unit}, or pass --skip-bad-lines to count and skip bad "
+                                f"lines")
             for line, reason in res.bad:
                 if len(self.bad_examples) < 10:
-                    self.bad_examples.append(BadLine(path, line, reason))
+                    self.bad_examples.append(BadLine(path, line, reason, unit=res.unit))
             self.bad += res.bad_count
             for k, v in res.bad_reasons.items():
                 self.bad_reasons[k] = self.bad_reasons.get(k, 0) + v

@@ -7,8 +7,8 @@
 fallback, split digits, identity normalisation, unk/bos/eos = 0/1/2. ``huggingface`` writes
 ``tokenizer.json`` + ``tokenizer_config.json`` shaped like Llama-3's: byte-level BPE with
 Llama-3's pre-tokenizer regex and ``<|begin_of_text|>`` / ``<|end_of_text|>``. Inputs are
-``.jsonl``/``.jsonl.gz`` (text taken from ``--json-keys``) or plain text files (one line a
-sentence). Real runs use the model's own tokenizer; these are for demos and tests.
+``.jsonl``/``.jsonl.gz``/``.jsonl.zst`` or Parquet (text taken from ``--json-keys``) or plain text
+files (one line a sentence). Real runs use the model's own tokenizer; these are for demos and tests.
 
 --output-dir: a directory that exists gets the files (each written under a temporary name and
 renamed); a new one is built as a hidden sibling and renamed into place when the tokenizer is
@@ -26,12 +26,14 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from typing import Iterator
 
 from megatron_harpe.data.cli_errors import (UsageError, UsageErrorParser, add_contract_args, parse_command_line,
                                             run_reporting_errors, sigterm_as_interrupt)
-from megatron_harpe.data.inputs import DataError, expand_inputs, open_binary, output_directory
+from megatron_harpe.data.inputs import CorruptInputError, DataError, expand_inputs, open_binary, output_directory
 from megatron_harpe.data.jsonio import is_jsonl, iter_jsonl_fields
+from megatron_harpe.data.parquet_input import is_parquet, iter_parquet_rows
 from megatron_harpe.data.tokenizer import TokenizerError
 from megatron_harpe.files import atomic_write_text, publish, staging_path
 
@@ -70,7 +72,24 @@ def iter_training_lines(files: list[str], json_keys: list[str], max_line_chars: 
 
 
 def _file_lines(path: str, json_keys: list[str]) -> Iterator[str]:
-    """The text lines of one input; a non-string value of a key is passed over (not every record has text)."""
+    """The text lines of one input; a non-string value of a key is passed over (not every record has text).
+    A compressed file that turns out truncated or corrupt is a DataError naming it, as in harpe-preprocess."""
+    try:
+        yield from _file_lines_unchecked(path, json_keys)
+    except CorruptInputError:
+        raise
+    except (EOFError, zlib.error, OSError) as e:  # gzip: BadGzipFile is an OSError, a cut file an EOFError
+        raise DataError(f"cannot read input {path}: {e} (truncated or corrupt file?)") from None
+
+
+def _file_lines_unchecked(path: str, json_keys: list[str]) -> Iterator[str]:
+    if is_parquet(path):
+        # rows in order, and per row its keys in order: the same lines as the same records in jsonl
+        for _row, values in iter_parquet_rows(path, json_keys):
+            for text in values:
+                if isinstance(text, str):
+                    yield from text.split("\n")
+        return
     if not is_jsonl(path):
         with open_binary(path) as f:
             for raw in f:
@@ -129,17 +148,30 @@ def train_sentencepiece(lines: Iterator[str], output_dir: str, vocab_size: int, 
 
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, "tokenizer.model")
+    reading_failed: list[BaseException] = []
+
+    def guarded(it):
+        # sentencepiece turns an exception raised by the iterator into a RuntimeError holding its traceback
+        # as text; keep the original (a bad input's DataError, Ctrl-C) to raise it as it was
+        try:
+            yield from it
+        except BaseException as e:
+            reading_failed.append(e)
+            raise
+
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".spm-train-") as tmp:
         prefix = os.path.join(tmp, "tokenizer")
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=lines, model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+                sentence_iterator=guarded(lines), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
                 character_coverage=character_coverage, byte_fallback=True, split_digits=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
                 allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 num_threads=threads, minloglevel=0 if verbose else 2, hard_vocab_limit=hard_vocab_limit,
                 train_extremely_large_corpus=False)
         except RuntimeError as e:
+            if reading_failed:
+                raise reading_failed[0] from None
             raise _sentencepiece_error(e, vocab_size) from None
         os.replace(prefix + ".model", final)
     return final
@@ -214,7 +246,7 @@ def _with_first_line(lines: Iterator[str], files: list[str], json_keys: list[str
     if first is None:
         names = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
         where = (f" under the key(s) {', '.join(map(repr, json_keys))} (choose others with --json-keys)"
-                 if any(is_jsonl(f) for f in files) else "")
+                 if any(is_jsonl(f) or is_parquet(f) for f in files) else "")
         raise DataError(f"no text in {names}: every line is empty or blank{where}; give files with text. "
                         f"Nothing written")
     return itertools.chain([first], lines)
@@ -235,8 +267,10 @@ def check_vocab_size(kind: str, vocab_size: int) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = UsageErrorParser(prog=PROG, description=__doc__.split("\n\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="jsonl, jsonl.gz or text files (globs allowed)")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the text in jsonl (default: text)")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="jsonl, jsonl.gz, jsonl.zst, Parquet or text files (globs allowed)")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys (Parquet: columns) holding the text (default: text)")
     p.add_argument("--type", default="sentencepiece", choices=["sentencepiece", "huggingface"])
     p.add_argument("--vocab-size", type=int, default=2000,
                    help=f"default 2000; at least {SPM_MIN_VOCAB} (sentencepiece: {SPM_FIXED_PIECES} + the text's "

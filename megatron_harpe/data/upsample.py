@@ -8,8 +8,9 @@
 SlimPajama with *per-source length upsampling*: keep the mixture of sources (each source's
 share of tokens) as it is, and within every source raise the share of long documents. Here:
 
-1. Tokenize every document; its source is ``--source-key`` (a dotted jsonl field) or, without
-   it, its input file (``--source NAME=GLOB`` names them; else the file name).
+1. Tokenize every document; its source is ``--source-key`` (a dotted jsonl field, or Parquet
+   column / struct field) or, without it, its input file (``--source NAME=GLOB`` names them; else
+   the file name without its extensions).
 2. Per source s: tokens T_s (a document counts len + 1, its EOD separator); share w_s = T_s / T.
 3. Filter: documents with len < ``--short-threshold`` (4096) are kept with probability
    ``--keep-prob`` p (0.1), long ones always (a Bernoulli draw per document, seeded by
@@ -218,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_input_args(p, multi_keys=False, input_required=False)
     g = p.add_argument_group("sources and upsampling")
     g.add_argument("--source-key", default=None,
-                   help="jsonl field naming the source, e.g. source or meta.redpajama_set_name "
-                        "(default: every input file is a source)")
+                   help="jsonl field (Parquet: column, a dotted key reaching into struct columns) naming the "
+                        "source, e.g. source or meta.redpajama_set_name (default: every input file is a source)")
     g.add_argument("--source", action="append", default=[], metavar="NAME=GLOB",
                    help="one input per source: files of source NAME (repeatable; instead of --input/--source-key)")
     g.add_argument("--short-threshold", type=int, default=4096,
@@ -263,7 +264,7 @@ def _sources_from_args(args) -> tuple[list[str], list[str] | None]:
     names = []
     for f in files:
         base = os.path.basename(f)
-        for ext in (".gz", ".jsonl", ".json"):
+        for ext in (".gz", ".zst", ".zstd", ".parquet", ".pq", ".jsonl", ".json"):  # data.jsonl.zst -> data
             if base.endswith(ext):
                 base = base[: -len(ext)]
         names.append(base)
