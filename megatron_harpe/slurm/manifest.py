@@ -82,6 +82,7 @@ def build(args, points, sweep_dir: Path, argv: list[str], *, mode: str, evals=()
         entries.append(entry)
     return {"format": FORMAT, "name": args.name, "mode": mode, "dry_run": bool(args.dry_run), "created": _now(),
             "updated": _now(), "command": ["harpe-sweep", *argv], "cwd": os.getcwd(),
+            "grid_file": _abs(args.grid) if getattr(args, "grid", None) else None,
             "sweep_dir": _abs(sweep_dir), "runs_root": _abs(os.path.join(args.runs_root, args.name)),
             "axes": {"methods": {m.split("=", 1)[0] if "=" in m else m: m for m in args.method},
                      "seq_lengths": list(args.seq_length), "layouts": list(args.layout), "seeds": list(args.seed),

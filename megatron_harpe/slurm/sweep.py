@@ -8,6 +8,7 @@
 
     harpe-sweep --local --name tiny --method examples/tiny/harpe.yaml --method examples/tiny/abf_single.yaml \\
         --seed 1 --seed 2 --set training.iterations=50 --set training.eval_interval=10
+    harpe-sweep --grid examples/study/cpu.yaml     # the same axes and flags from a YAML file (grid_file.py)
     harpe-sweep report sweeps/tiny            # -> sweeps/tiny/report/report.md + PNG plots
 
 For every point of the grid it writes the resolved config (`<out>/<name>/configs/<point>.yaml`, run_dir
@@ -321,21 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1] + "\nThe report: harpe-sweep report --help")
-    p.add_argument("--name", required=True, help="the sweep's name (job names, directories)")
-    p.add_argument("--method", action="append", required=True, help="NAME=CONFIG.yaml (repeat)")
+    p.add_argument("--grid", metavar="FILE.yaml", help="the grid in a file: keys mirror these flags (name, methods, "
+                   "seq_lengths, layouts, seeds, set, local, ...); flags given too add to it or override it "
+                   "(docs/sweeps.md, \"Grid files\")")
+    p.add_argument("--name", help="the sweep's name (job names, directories); required, here or in --grid")
+    p.add_argument("--method", action="append", default=[], help="NAME=CONFIG.yaml (repeat); at least one, here "
+                   "or in --grid")
     p.add_argument("--seq-length", action="append", type=int, default=[], help="a sequence length (repeat)")
     p.add_argument("--layout", action="append", default=[], help="NAME:nodes=N,tp=..,cp=..,pp=..,dp=.. (repeat)")
     p.add_argument("--seed", action="append", type=int, default=[], help="training.seed of a point (repeat: one "
                    "point per seed, named -seedS)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes when no --layout is given")
-    p.add_argument("--tasks-per-node", type=int, default=8, help="ranks per node = GPUs per node (default 8)")
+    p.add_argument("--nodes", type=int, help="nodes when no --layout is given (default 1)")
+    p.add_argument("--tasks-per-node", type=int, help="ranks per node = GPUs per node (default 8)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every point")
     p.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch option, e.g. --sbatch-arg=--time=4:00:00")
-    p.add_argument("--chain", choices=["none", "afterok", "afterany"], default="none")
-    p.add_argument("--out-dir", default="sweeps", help="configs, logs, jobs.tsv and sweep.json go to OUT_DIR/NAME "
+    p.add_argument("--chain", choices=["none", "afterok", "afterany"], help="default none")
+    p.add_argument("--out-dir", help="configs, logs, jobs.tsv and sweep.json go to OUT_DIR/NAME "
                    "(default sweeps)")
-    p.add_argument("--runs-root", default="runs", help="run directories: RUNS_ROOT/NAME/POINT (default runs)")
-    p.add_argument("--script", default=str(DEFAULT_SCRIPT), help="the batch script (default slurm/train.sbatch)")
+    p.add_argument("--runs-root", help="run directories: RUNS_ROOT/NAME/POINT (default runs)")
+    p.add_argument("--script", help="the batch script (default slurm/train.sbatch)")
     p.add_argument("--no-scale-factors", action="store_true", help="keep PI/YaRN factors at every --seq-length")
     p.add_argument("--no-validate", action="store_true", help="skip harpe-train's config checks per point")
     p.add_argument("--dry-run", action="store_true", help="write the configs, print the commands, submit/run nothing")
@@ -347,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--eval", action="append", default=[], metavar="'COMMAND ARGS'",
                      help="--local: after training, export to <run_dir>/hf and run `harpe-eval COMMAND ARGS` into "
                           "<run_dir>/eval/COMMAND (repeat; COMMAND: ppl, passkey, niah, needle)")
-    loc.add_argument("--eval-args", default="", metavar="'ARGS'", help="arguments for every --eval command, "
+    loc.add_argument("--eval-args", metavar="'ARGS'", help="arguments for every --eval command, "
                      "e.g. '--tokenizer tok/tokenizer.model --tokenizer-type sentencepiece --device cpu'")
-    loc.add_argument("--export-args", default="", metavar="'ARGS'", help="extra harpe-convert megatron-to-hf "
+    loc.add_argument("--export-args", metavar="'ARGS'", help="extra harpe-convert megatron-to-hf "
                      "arguments, e.g. '--tokenizer tok/tokenizer.model'")
     return p
 
@@ -439,8 +444,20 @@ def main(argv: list[str] | None = None) -> int:
 
         return report.main(argv[1:])
     args = build_parser().parse_args(argv)
-    return run_command(PROG, lambda: _grid(args, argv), argv=argv,
+    return run_command(PROG, lambda: _grid(_resolve_args(args), argv), argv=argv,
                        interrupted="rerun the same command to continue")
+
+
+def _resolve_args(args):
+    """The command line on top of the --grid file (megatron_harpe/slurm/grid_file.py), defaults filled in."""
+    from megatron_harpe.slurm import grid_file
+
+    if args.grid:
+        grid_file.merge(args, grid_file.load(args.grid))
+    grid_file.fill_defaults(args)
+    if args.script is None:
+        args.script = str(DEFAULT_SCRIPT)
+    return args
 
 
 if __name__ == "__main__":
