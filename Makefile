@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m megatron_harpe.demo
+	$(PY) -m megatron_harpe.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -326,16 +326,22 @@ def _doc_rng(seed: int, index: int) -> random.Random:
 def generate_documents(num_docs: int, seed: int = 0, *, length_scale: float = 1.0,
                        max_words: int = 200_000, long_fraction: float = 0.03,
                        long_words: tuple[int, int] = (3000, 12000), passkey_fraction: float = 0.02,
-                       needle_fraction: float = 0.02, sources: list[str] | None = None) -> Iterator[dict]:
+                       needle_fraction: float = 0.02, sources: list[str] | None = None,
+                       passkey_sentences: tuple[int, int] | None = None) -> Iterator[dict]:
     """Yield ``num_docs`` records (dicts) deterministically for ``seed``.
 
     ``length_scale`` multiplies every length (use < 1 for tiny test corpora); ``long_fraction``
     of the regular documents are stretched to ``long_words`` words (times ``length_scale``)
     whatever their source; passkey and needle documents get the source names ``passkey`` and
-    ``needle`` and lengths spread up to ``long_words[1]``.
+    ``needle`` and lengths spread up to ``long_words[1]``. ``passkey_sentences=(lo, hi)`` gives
+    every passkey document between ``lo`` and ``hi`` filler sentences instead (about 5 tokens
+    each, plus ~50 for the intro, key and question): the demo uses it to keep its passkey
+    documents within its training length, so that retrieval at that length can be learned.
     """
     if num_docs < 0:
         raise ValueError(f"num_docs must be >= 0, got {num_docs}")
+    if passkey_sentences is not None and not 0 <= passkey_sentences[0] <= passkey_sentences[1]:
+        raise ValueError(f"passkey_sentences must be (lo, hi) with 0 <= lo <= hi, got {passkey_sentences}")
     profiles = [_PROFILE[s] for s in sources] if sources else list(SOURCES)
     unknown = [s for s in (sources or []) if s not in _PROFILE]
     if unknown:
@@ -349,7 +355,10 @@ def generate_documents(num_docs: int, seed: int = 0, *, length_scale: float = 1.
         rng = _doc_rng(seed, i)
         r = rng.random()
         if r < passkey_fraction:
-            sentences = max(4, int(rng.uniform(0.02, 1.0) * long_words[1] * length_scale / 4))
+            if passkey_sentences is not None:
+                sentences = rng.randint(*passkey_sentences)
+            else:
+                sentences = max(4, int(rng.uniform(0.02, 1.0) * long_words[1] * length_scale / 4))
             text, key = passkey_document(rng, sentences)
             yield {"id": i, "source": "passkey", "meta": {"redpajama_set_name": "SyntheticPasskey"},
                    "text": text, "answer": key}
