@@ -116,6 +116,20 @@ def test_another_architecture_is_refused_by_name(trained, tmp_path, capsys):
     assert not fresh.exists()  # nothing of the run was made
 
 
+def test_init_from_takes_a_run_directory_and_refuses_what_holds_no_checkpoint(trained, tmp_path, capsys):
+    empty = tmp_path / "no_checkpoint"
+    (empty / "checkpoints").mkdir(parents=True)
+    fresh = tmp_path / "fresh"
+    proc = run_main(capsys, "megatron_harpe.train", "--config", TINY, f"run_dir={fresh}",
+                    f"training.init_from={empty}")
+    assert_bad_input(proc, f"training.init_from: {empty}", "run directory with checkpoints/latest")
+    assert not fresh.exists()
+    proc = run_main(capsys, "megatron_harpe.train", "--config", TINY, f"run_dir={fresh}", "training.iterations=1",
+                    f"training.init_from={trained}")  # the run directory, as a user names "the model"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "iter_0000002" in proc.stdout  # loaded the run's newest checkpoint
+
+
 def test_a_changed_schedule_on_resume_is_refused_or_replanned(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
     proc = run_main(capsys, "megatron_harpe.train", "--config", TINY, f"run_dir={run}", "training.iterations=3")

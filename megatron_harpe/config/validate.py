@@ -129,11 +129,30 @@ def _validate_training(cfg: Config) -> None:
     if t.recompute_granularity == "full" and (t.recompute_num_layers or 0) < 1:
         raise ConfigError("training.recompute_granularity=full needs training.recompute_num_layers >= 1 (layers "
                           "per recomputed chunk with uniform, recomputed layers per stage with block)")
-    if t.init_from is not None and not Path(t.init_from).exists():
-        raise ConfigError(f"training.init_from: {t.init_from} does not exist")
+    if t.init_from is not None:
+        _validate_init_from(t.init_from)
     if cfg.logging.interval < 1:
         raise ConfigError("logging.interval must be >= 1")
     _validate_evaluation(cfg)
+
+
+def _validate_init_from(path: str) -> None:
+    """The shapes training/checkpointing.py resolve_checkpoint_path accepts, checked without importing torch."""
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(f"training.init_from: {path} does not exist; give a checkpoint (harpe-convert hf-to-megatron "
+                          f"--save DIR), a checkpoints directory with a 'latest' file, or a run directory")
+    if (root / "metadata.json").is_file():
+        return
+    for directory in (root, root / "checkpoints"):
+        if (directory / "latest").is_file():
+            named = directory / (directory / "latest").read_text().strip()
+            if (named / "metadata.json").is_file():
+                return
+            raise ConfigError(f"training.init_from: {directory / 'latest'} names {named.name}, which is not a "
+                              f"complete checkpoint (no metadata.json); point init_from at a complete one")
+    raise ConfigError(f"training.init_from: {path} is neither a torch_dist checkpoint (metadata.json), a "
+                      f"checkpoints directory with a 'latest' file, nor a run directory with checkpoints/latest")
 
 
 def _validate_evaluation(cfg: Config) -> None:

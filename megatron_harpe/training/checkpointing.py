@@ -134,14 +134,18 @@ def load_checkpoint(path: str | Path, *, chunks: List[torch.nn.Module], optimize
 
 
 def resolve_checkpoint_path(path: str | Path, what: str = "training.init_from") -> Path:
-    """A torch_dist directory, or the newest checkpoint of a directory with a `latest` pointer."""
+    """A torch_dist directory, the newest checkpoint of a directory with a `latest` pointer, or of a run directory
+    (its checkpoints/): the three things a user calls "the checkpoint" (config/validate.py checks the same shape
+    before anything starts)."""
     path = Path(path)
     if (path / "metadata.json").is_file():
         return path
     pointer = latest_checkpoint(path)
     if pointer is None:
-        raise FileNotFoundError(f"{what}={path} is neither a torch_dist checkpoint nor a checkpoint directory "
-                                f"with a '{LATEST}' file")
+        pointer = latest_checkpoint(path / "checkpoints")
+    if pointer is None:
+        raise FileNotFoundError(f"{what}={path} is neither a torch_dist checkpoint, a checkpoint directory "
+                                f"with a '{LATEST}' file, nor a run directory with checkpoints/{LATEST}")
     return pointer
 
 

@@ -303,8 +303,9 @@ class Trainer:
         if latest is None:
             self._build(self.stages[0].model_cfg)
             if self.cfg.training.init_from:
-                ckpt.load_weights_only(self.cfg.training.init_from, self.chunks)
-                return 0, f"weights from {self.cfg.training.init_from}"
+                source = ckpt.resolve_checkpoint_path(self.cfg.training.init_from)
+                ckpt.load_weights_only(source, self.chunks)
+                return 0, f"weights from {source}"
             return 0, "fresh start"
         common = read_common_state(latest)
         iteration = int(common["iteration"])
