@@ -14,8 +14,9 @@ $(VENV)/.installed: setup.py requirements/cpu.txt requirements/wandb-tests.txt
 
 setup: $(VENV)/.installed
 
+# two workers, a test file each (module fixtures are built once): ~9.5 min instead of ~17 on 2 cores
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup
 	$(PY) -m megatron_harpe.demo $(ARGS)

@@ -40,7 +40,7 @@ setup(
         # tested anywhere; on a cluster with its own MPI, install mpi4py alone (see docs/launch.md).
         "mpi": ["mpi4py", "mpich"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers>=0.19"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
         # Weights & Biases logging (logging.wandb.project); imported only when a config turns it on
         "wandb": ["wandb>=0.19"],
     },

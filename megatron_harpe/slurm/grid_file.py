@@ -154,12 +154,9 @@ def _named(entries: list[str], name_of: Callable[[str], str], cli: list[str]) ->
     return kept + [e for e in cli if name_of(e) in given]
 
 
-def merge(args, grid: dict[str, Any]) -> None:
-    """Put the grid file's values under the command line's (rules in the module docstring), in place."""
-    from megatron_harpe.slurm.sweep import parse_method  # the --method name rule, NAME=CONFIG or the file's stem
-
-    def method_name(text: str) -> str:
-        return text.split("=", 1)[0] if "=" in text else parse_method(text)[0]
+def merge(args, grid: dict[str, Any], method_name: Callable[[str], str]) -> None:
+    """Put the grid file's values under the command line's (rules in the module docstring), in place.
+    ``method_name``: the name of a --method entry (sweep.py's rule: NAME=CONFIG, or the config file's stem)."""
 
     for dest, value in grid.items():
         cli = getattr(args, dest)

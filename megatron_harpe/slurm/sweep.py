@@ -453,7 +453,7 @@ def _resolve_args(args):
     from megatron_harpe.slurm import grid_file
 
     if args.grid:
-        grid_file.merge(args, grid_file.load(args.grid))
+        grid_file.merge(args, grid_file.load(args.grid), method_name=lambda text: parse_method(text)[0])
     grid_file.fill_defaults(args)
     if args.script is None:
         args.script = str(DEFAULT_SCRIPT)
