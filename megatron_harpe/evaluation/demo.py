@@ -136,19 +136,19 @@ def comparison_reading(models: Sequence[ComparedModel], train_length: int, *, no
     """Two sentences on what the table means at this scale, written from the numbers.
 
     ``noise``: the relative perplexity difference under which two models are called indistinguishable
-    (run-to-run variation of the demo's tiny models with another seed; docs/demo.md measures it)."""
+    (a margin above the 1-2% standard deviation over seeds that docs/study/README.md measured for models this size)."""
     lengths = sorted(models[0].ppl)
     L1, Lmax = lengths[0], lengths[-1]
     at1 = {m.name: m.ppl[L1] for m in models}
     best1, worst1 = min(at1.values()), max(at1.values())
     if worst1 / best1 - 1 <= noise:
         first = (f"At the training length ({L1} tokens) the encodings are indistinguishable in perplexity "
-                 f"({_num(best1)}-{_num(worst1)}, within the ~{noise:.0%} seed-to-seed noise of models this small)")
+                 f"({_num(best1)}-{_num(worst1)}, within the {noise:.0%} we treat as noise for one seed of models this small)")
     else:
         order = sorted(models, key=lambda m: m.ppl[L1])
         first = (f"At the training length ({L1} tokens) {order[0].name} has the lowest perplexity "
                  f"({_num(order[0].ppl[L1])} against {', '.join(f'{m.name} {_num(m.ppl[L1])}' for m in order[1:])}), "
-                 f"a difference beyond the ~{noise:.0%} seed-to-seed noise of models this small")
+                 f"more than the {noise:.0%} we treat as noise for one seed of models this small")
     key1 = {m.name: m.passkey.get(L1) for m in models}
     if all(v is not None and v == 0 for v in key1.values()):
         first += ("; none retrieves the passkey even there: a ~1M-parameter model does not learn to copy a key over "
@@ -172,7 +172,7 @@ def comparison_reading(models: Sequence[ComparedModel], train_length: int, *, no
             second += ("the small base's fast-rotating pairs meet angles they never saw in training, which a larger "
                        "base (ABF) or HARPE's mix of bases partly avoids; ")
         second += ("this is one seed of a ~1M-parameter model trained for minutes, a direction rather than a result "
-                   "(the paper's claims are at 7B, 128k; docs/demo.md has the seed-to-seed spread).")
+                   "(the paper's claims are at 7B, 128k; docs/study/README.md measures the spread over seeds).")
     return first + "\n" + second
 
 
