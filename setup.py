@@ -20,7 +20,7 @@ setup(
     python_requires=">=3.10,<3.13",
     install_requires=[
         "torch>=2.6",
-        "megatron-core==0.16.1",
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "packaging",
         "PyYAML",

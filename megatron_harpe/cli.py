@@ -46,8 +46,17 @@ KNOWN_WARNINGS: Tuple[Tuple[str, Type[Warning], str], ...] = (
      "on CPU and GPU nodes without TE megatron-core falls back to torch kernels, which is the configured path"),
     (r"Apex is not installed\. Falling back to Torch Norm", UserWarning,
      "this project brings its own RMSNorm (models/norm.py); megatron-core's torch norm is not used"),
-    (r"full scope is deprecated\. Use empty cuda_graph_scope", UserWarning,
-     "megatron-core 0.16.1's own TransformerConfig default triggers it; CUDA graphs are not used"),
+    (r"full scope is deprecated\. Use empty cuda_graph_(scope|modules)", UserWarning,
+     "megatron-core's own TransformerConfig default triggers it (0.16.1: cuda_graph_scope, 0.19: "
+     "cuda_graph_modules); CUDA graphs are not used"),
+    (r"MimoModelConfig is experimental", UserWarning,
+     "printed when megatron-core 0.19 is imported; the multimodal model is not used"),
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a single "
+     r"process", UserWarning,
+     "megatron-core 0.19 reads a checkpoint's common state with torch.distributed.checkpoint.load(no_dist=True) "
+     "on purpose (models/checkpoint.py read_common_state)"),
+    (r"The argument order of load has been changed", UserWarning,
+     "raised by torch.distributed.checkpoint inside megatron-core 0.19's common-state reader"),
     (r"CUDA_DEVICE_MAX_CONNECTIONS", UserWarning,
      "only matters for TP communication overlap on GPUs, which this project does not enable"),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning,
@@ -56,6 +65,30 @@ KNOWN_WARNINGS: Tuple[Tuple[str, Type[Warning], str], ...] = (
      "raised inside megatron-core 0.16.1's checkpoint loader"),
     (r"TypedStorage is deprecated", UserWarning, "raised inside torch.distributed.checkpoint"),
 )
+
+
+#: Upstream log records (not Python warnings) the commands silence: (logger, regex on the message, why).
+KNOWN_LOG_MESSAGES: Tuple[Tuple[str, str, str], ...] = (
+    ("megatron.core.models.gpt.gpt_model", r"GPTModel IS DEPRECATED",
+     "megatron-core 0.19 logs it for every GPTModel; this project stays on GPTModel for now "
+     "(docs/architecture.md, 'GPTModel or HybridModel' says why and what would change that)"),
+    ("megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated",
+     "megatron-core 0.19 logs it from its SYNCHRONOUS save too (the sync path calls async_save with "
+     "async_strategy='mcore'); this project saves synchronously (docs/architecture.md, 'Checkpoint saving')"),
+    ("megatron.core.distributed.distributed_data_parallel", r"full_param_layout not provided",
+     "megatron-core 0.19's DDP computes the distributed optimizer's parameter layout itself when not handed one; "
+     "the same layout, nothing to do"),
+)
+
+
+class _DropKnownRecords:
+    def __init__(self, pattern: str):
+        import re
+
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record) -> bool:
+        return not self.pattern.search(record.getMessage())
 
 
 def verbose_requested(argv: Iterable[str] = ()) -> bool:
@@ -68,8 +101,12 @@ def debug_requested(argv: Iterable[str] = ()) -> bool:
 
 def silence_known_warnings() -> None:
     """Filter KNOWN_WARNINGS in this process and, through PYTHONWARNINGS, in the processes it starts."""
+    import logging
+
     for pattern, category, _ in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{pattern}", category=category)
+    for logger_name, pattern, _ in KNOWN_LOG_MESSAGES:
+        logging.getLogger(logger_name).addFilter(_DropKnownRecords(pattern))
     os.environ["HARPE_QUIET_WARNINGS"] = "1"  # read by child processes that call setup_output()
 
 

@@ -1,9 +1,18 @@
 """Every place where this project works around a behaviour of the installed megatron-core.
 
-Why one module: a workaround is tied to the megatron-core release it was found in. Kept together,
-each with the versions it was verified on, an upgrade shows at once what to re-check: the trainer
-warns at start for every workaround not verified on the installed release, and a test fails until
-someone re-checks them and adds the version (tests/test_architecture.py).
+Why one module: a workaround is tied to the megatron-core releases that need it. Kept together,
+each says which releases need it (`needed_on`, a PEP 440 range) and on which releases a test
+showed that need (`verified_on`); the code asks `active(name)` instead of assuming. An upgrade then
+shows at once what to re-check: the trainer warns at start for every workaround not verified on
+the installed release, and tests/test_architecture.py fails until someone has re-checked them.
+
+Each workaround has a test that runs the real code path with the workaround switched off
+(``HARPE_COMPAT_DISABLE=name``, read here and nowhere else; it exists for those tests) and shows
+the failure on every release in `needed_on`, and shows nothing changes on a release outside it
+(tests/test_compat.py). When upstream fixes one, that test says so and `needed_on` is narrowed.
+
+Supported: megatron-core 0.16.1 (the last release for Python 3.11) through 0.19.x; CI runs the
+suite on 0.16.1 and on 0.19.2 (Makefile: test-stable, test-current).
 
 Not here, because they are not version workarounds but the CPU adaptation of CUDA calls
 (backends/cpu.py, used only without a GPU) or features megatron-core leaves to its users
@@ -12,73 +21,134 @@ dataset helpers when a wheel lacks them: data/helpers.py).
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import signal as signal_module
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 log = logging.getLogger(__name__)
 
+#: The megatron-core releases this project supports (setup.py's range) and the ones CI runs.
+SUPPORTED_RELEASES = ">=0.16.1,<0.20"
+TESTED_RELEASES = ("0.16.1", "0.19.2")
+
+#: Comma-separated workaround names to switch off: only for the tests that show each one is needed.
+DISABLE_VARIABLE = "HARPE_COMPAT_DISABLE"
+
 
 @dataclass(frozen=True)
 class Workaround:
     name: str
     why: str
-    verified_on: Tuple[str, ...]
+    needed_on: str  # PEP 440 specifier: the megatron-core releases that need it
+    verified_on: Tuple[str, ...]  # releases on which tests/test_compat.py showed the need (or its absence)
 
 
 WORKAROUNDS = (
     Workaround("interleaved-pipeline-batched-p2p",
                "the interleaved (virtual pipeline) schedule with batch_p2p_comm=True silently corrupts PP=2 "
                "training (Megatron-LM issue #750): batched p2p is switched off with virtual pipeline stages",
-               ("0.16.1",)),
+               ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("torch-adamw-fresh-step",
                "loading a checkpoint into a fresh torch AdamW fails with KeyError 'step' (no per-parameter "
                "state yet): every parameter gets an explicit zero step first",
-               ("0.16.1",)),
+               ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("torch-adamw-shared-step",
                "after loading, every parameter's state holds the SAME step tensor, which AdamW increments once "
                "per parameter per step (wrong bias correction after resume): each gets its own copy",
-               ("0.16.1",)),
+               ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("reshardable-optimizer-step",
                "the distributed optimizer's 'fully_reshardable' loader copies a 'step' it never saved for torch "
                "AdamW (KeyError 'step'): that parameter state is loaded with 'step' set aside; and the default "
                "sharding 'fully_sharded_model_space' fails with torch AdamW, so 'fully_reshardable' is used",
-               ("0.16.1",)),
+               ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("checkpoint-writer-signals",
                "the torch_dist writer's helper process (a spawned multiprocessing manager) dies of the very "
                "signal a scheduler sends every process to ask for a checkpoint: it is started with the exit "
-               "signals ignored (megatron_core private _get_write_results_queue)",
-               ("0.16.1",)),
+               "signals ignored (filesystem_async.get_write_results_queue, public from 0.19; "
+               "_get_write_results_queue before)",
+               ">=0.16.1", ("0.16.1", "0.19.2")),
+    Workaround("cp-batch-group",
+               "from 0.19 get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group=None) slices over the WHOLE "
+               "world when no group is given (0.16.1 used parallel_state's CP group): with TP or DP beside CP "
+               "every rank would get the wrong chunks, silently. The CP group is always passed",
+               ">=0.19", ("0.16.1", "0.19.2")),
 )
+_BY_NAME = {w.name: w for w in WORKAROUNDS}
 
 
 def installed_version() -> str:
-    from megatron.core.package_info import __version__
+    """The installed megatron-core release, e.g. "0.19.2".
 
-    return __version__
+    From the package metadata, not ``megatron.core.package_info.__version__``: from 0.19 that
+    appends the short git hash of whatever repository the package sits in (a venv inside a
+    checkout reports "0.19.2+<our commit>").
+    """
+    from importlib.metadata import version
+
+    return version("megatron-core")
+
+
+@lru_cache(maxsize=None)
+def _release(version: str):
+    from packaging.version import Version
+
+    return Version(Version(version).base_version)
+
+
+def needed(name: str, version: Optional[str] = None) -> bool:
+    """Whether megatron-core `version` (default: the installed one) needs workaround `name`."""
+    from packaging.specifiers import SpecifierSet
+
+    return _release(version or installed_version()) in SpecifierSet(_BY_NAME[name].needed_on)
+
+
+def disabled() -> set:
+    return {n.strip() for n in os.environ.get(DISABLE_VARIABLE, "").split(",") if n.strip()}
+
+
+def active(name: str) -> bool:
+    """Whether the code takes workaround `name` here: the installed release needs it and no test switched it off."""
+    if name not in _BY_NAME:
+        raise KeyError(f"no workaround named {name!r} in megatron_harpe/compat.py")
+    return needed(name) and name not in disabled()
+
+
+def supported(version: Optional[str] = None) -> bool:
+    from packaging.specifiers import SpecifierSet
+
+    return _release(version or installed_version()) in SpecifierSet(SUPPORTED_RELEASES)
 
 
 def unverified_workarounds(version: Optional[str] = None) -> List[Workaround]:
     """The workarounds not verified on `version` (default: the installed megatron-core)."""
-    version = version or installed_version()
-    return [w for w in WORKAROUNDS if version not in w.verified_on]
+    release = str(_release(version or installed_version()))
+    return [w for w in WORKAROUNDS if release not in w.verified_on]
 
 
 def warn_if_unverified() -> List[Workaround]:
     """Log one warning per workaround not verified on the installed megatron-core (and return them)."""
-    unverified = unverified_workarounds()
+    version = installed_version()
+    if not supported(version):
+        log.warning("megatron-core %s is outside the supported range %s (megatron_harpe/compat.py); "
+                    "install one of %s", version, SUPPORTED_RELEASES, ", ".join(TESTED_RELEASES))
+    unverified = unverified_workarounds(version)
     for w in unverified:
         log.warning("megatron-core %s: workaround %r was verified on %s only; re-check it (%s) - see "
-                    "megatron_harpe/compat.py", installed_version(), w.name, ", ".join(w.verified_on), w.why)
+                    "megatron_harpe/compat.py", version, w.name, ", ".join(w.verified_on), w.why)
     return unverified
 
 
 # ---------------------------------------------------------------------- interleaved-pipeline-batched-p2p
 def batch_p2p_comm(virtual_pipeline: Optional[int]) -> bool:
     """TransformerConfig.batch_p2p_comm for a layout: off with virtual pipeline stages."""
+    if not active("interleaved-pipeline-batched-p2p"):
+        return True  # megatron-core's default
     return virtual_pipeline is None
 
 
@@ -100,6 +170,8 @@ def _torch_adam_optimizers(optimizer) -> List[torch.optim.Optimizer]:
 
 def prepare_optimizer_for_loading(optimizer) -> None:
     """torch-adamw-fresh-step: give every parameter of a fresh torch AdamW an explicit zero step."""
+    if not active("torch-adamw-fresh-step"):
+        return
     for inner in _torch_adam_optimizers(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
@@ -115,10 +187,13 @@ def load_optimizer_state(optimizer, state_dict: Any) -> None:
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     states = [state_dict] if len(chained) == 1 else list(state_dict)
     for opt, state in zip(chained, states):
-        if isinstance(state, dict) and state.get("param_state_sharding_type") == "fully_reshardable":
+        if isinstance(state, dict) and state.get("param_state_sharding_type") == "fully_reshardable" and \
+                active("reshardable-optimizer-step"):
             _load_reshardable(opt, state)
         else:
             opt.load_state_dict(state)
+    if not active("torch-adamw-shared-step"):
+        return
     for inner in _torch_adam_optimizers(optimizer):
         for param_state in inner.state.values():
             if isinstance(param_state.get("step"), torch.Tensor):
@@ -147,9 +222,30 @@ def start_checkpoint_writer_shielded(signals: Iterable[signal_module.Signals]) -
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if not active("checkpoint-writer-signals"):
+        return
+    # public from megatron-core 0.19 (get_write_results_queue), private before
+    start = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
     previous = {sig: signal_module.signal(sig, signal_module.SIG_IGN) for sig in signals}
     try:
-        filesystem_async._get_write_results_queue()
+        start()
     finally:
         for sig, handler in previous.items():
             signal_module.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------- cp-batch-group
+def batch_on_this_cp_rank(batch: Dict[str, Any]) -> Dict[str, Any]:
+    """megatron-core's get_batch_on_this_cp_rank (chunks r and 2cp-1-r of every sequence) for this
+    rank's context-parallel group, on every supported release."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if "is_hybrid_cp" in _parameters(get_batch_on_this_cp_rank):  # 0.19+
+        group = ps.get_context_parallel_group() if active("cp-batch-group") else None
+        return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=group)
+    return get_batch_on_this_cp_rank(batch)
+
+
+def _parameters(fn) -> Tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)

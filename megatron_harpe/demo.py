@@ -37,6 +37,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STEPS = 6
 
 
+#: What torch's env:// rendezvous reads; each demo run is its own world of one and picks its own port.
+_RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 @dataclass(frozen=True)
 class DemoModel:
     key: str        # run directory name and examples/demo_<key>.yaml
@@ -165,7 +169,10 @@ def train_all(run_dir: Path, tokenizer: Path, data_prefix: Path, overrides: List
         return
     procs: Dict[str, subprocess.Popen] = {}
     logs = {}
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # three independent jobs: a launcher's rendezvous values inherited from the caller (a shell inside
+    # salloc, or a process that made a group and exported MASTER_PORT) would have all three bind one port
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARIABLES}
+    env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     try:
         for m in todo:

@@ -280,7 +280,9 @@ def test_helper_threads_need_enable_in_current_thread():
         thread = threading.Thread(target=worker, args=(enable,))
         thread.start()
         thread.join()
-    assert results == {False: "AssertionError", True: "cpu"}
+    # without the mode the call reaches torch's CUDA code: a CPU build asserts "not compiled with CUDA"
+    # (AssertionError), a CUDA build on a machine without a GPU finds no driver (RuntimeError)
+    assert results[True] == "cpu" and results[False] in ("AssertionError", "RuntimeError"), results
 
 
 @cpu_only

@@ -106,22 +106,25 @@ def read_common_state(directory: str | os.PathLike) -> Dict[str, Any]:
     if not (directory / "metadata.json").exists():
         raise CheckpointError(f"{directory} is not a complete torch_dist checkpoint (no metadata.json); "
                               f"pass the directory that the trainer or harpe-convert wrote")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _check_shard_files(directory)
     try:
         return dist_checkpointing.load_common_state_dict(str(directory))
-    except (OSError, EOFError, RuntimeError) as err:
+    except (OSError, EOFError, RuntimeError, CheckpointException) as err:
         raise CheckpointError(f"checkpoint {directory} is incomplete or corrupt: its common state cannot be read "
                               f"({type(err).__name__}: {err}); remove it, or point 'latest' at an older one") from None
 
 
-def check_checkpoint_files(directory: str | os.PathLike, sharded_state: Dict[str, Any]) -> None:
-    """Before loading (which would fail deep inside torch.distributed.checkpoint, rank by rank): every
-    shard file the checkpoint's index names exists and is long enough, and every tensor this model
-    asks for has the shape the checkpoint holds."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+def _check_shard_files(directory: Path):
+    """Every shard file the checkpoint's index names exists and is long enough; returns the index.
+
+    Checked before anything is read: from megatron-core 0.19 even the common state (iteration,
+    position record) is read through torch.distributed.checkpoint from the shard files, and a
+    shard cut short then fails deep inside it (EOFError wrapped in a CheckpointException, which
+    is not even an Exception)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    directory = Path(directory)
     try:
         metadata = FileSystemReader(str(directory)).read_metadata()
     except (OSError, EOFError, RuntimeError, ValueError) as err:
@@ -136,6 +139,18 @@ def check_checkpoint_files(directory: str | os.PathLike, sharded_state: Dict[str
             state = "missing" if not path.is_file() else f"cut short ({path.stat().st_size} of {size} bytes)"
             raise CheckpointError(f"checkpoint {directory} is incomplete: shard file {name} is {state} (a copy or a "
                                   f"save that did not finish); remove it, or point 'latest' at an older checkpoint")
+    return metadata
+
+
+def check_checkpoint_files(directory: str | os.PathLike, sharded_state: Dict[str, Any]) -> None:
+    """Before loading (which would fail deep inside torch.distributed.checkpoint, rank by rank): every
+    shard file the checkpoint's index names exists and is long enough, and every tensor this model
+    asks for has the shape the checkpoint holds."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    directory = Path(directory)
+    metadata = _check_shard_files(directory)
     shapes = {key: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items() if hasattr(meta, "size")}
     for tensor in nested_values(sharded_state):
         if not isinstance(tensor, ShardedTensor) or tensor.key not in shapes or tensor.allow_shape_mismatch:

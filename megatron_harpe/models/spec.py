@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from typing import Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -39,6 +40,18 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def mlp_submodule(submodules: MLPSubmodules):
+    """The layer's MLP slot in the form the installed megatron-core builds directly.
+
+    From 0.19 a TransformerLayer builds its MLP through the public classmethod
+    ``MLP.as_mlp_submodule`` (it passes process groups by keyword); handed a plain
+    ModuleSpec(MLP) it rewraps it into that call and logs a warning on every build. Older
+    releases (0.16.1) have no such method and take the ModuleSpec."""
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
+
+
 def local_llama_layer_spec(attention: type = SelfAttention) -> ModuleSpec:
     """One Llama layer from megatron-core's tensor-parallel linears and our attention/norm."""
     from megatron_harpe.parallel.core_attention import SDPACoreAttention
@@ -57,10 +70,7 @@ def local_llama_layer_spec(attention: type = SelfAttention) -> ModuleSpec:
                 ),
             ),
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-            ),
+            mlp=mlp_submodule(MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             self_attn_bda=get_bias_dropout_add,
             mlp_bda=get_bias_dropout_add,
             # checkpoint keys as in the Transformer Engine spec (norms fused into the next linear),

@@ -163,8 +163,8 @@ def measure_rank(plan: Plan) -> Dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
+    from megatron_harpe import compat
     from megatron_harpe.models.unwrap import unwrap_model
 
     p, w = plan.layout, plan.workload
@@ -205,7 +205,7 @@ def measure_rank(plan: Plan) -> Dict[str, Any]:
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             if p.cp > 1:
-                batch = get_batch_on_this_cp_rank(dict(batch))
+                batch = compat.batch_on_this_cp_rank(dict(batch))
             saved: Dict[int, int] = {}
 
             def pack(t):

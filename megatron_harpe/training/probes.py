@@ -31,7 +31,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.utils import get_batch_on_this_cp_rank
+
+from megatron_harpe import compat
 
 from megatron_harpe.training.evaluation import eval_mode, forward_only, reduce_sums
 
@@ -106,7 +107,7 @@ def _fit_filler(count: Callable[[int], int], length: int) -> int:
 def _probe_forward_step(cp: int, device: torch.device, data_iterator, model):
     batch = {k: v.to(device) for k, v in next(data_iterator).items()}
     if cp > 1:
-        batch = get_batch_on_this_cp_rank(batch)
+        batch = compat.batch_on_this_cp_rank(batch)
     output = model(batch["tokens"], batch["position_ids"], None)  # logits [b, s, vocab / tp] on the last stage
     return output, partial(_score_key_tokens, batch["labels"], batch["loss_mask"])
 

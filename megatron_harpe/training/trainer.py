@@ -35,7 +35,6 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_harpe import compat
 from megatron_harpe.cli import InputError
@@ -228,7 +227,7 @@ class Trainer:
             return self._forward_step_packed(next(data_iterator), model)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(data_iterator).items()}
         if self.cfg.parallel.context > 1:
-            batch = get_batch_on_this_cp_rank(batch)
+            batch = compat.batch_on_this_cp_rank(batch)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 
