@@ -4,11 +4,12 @@ torch is deliberately left as a range here: GPU clusters bring their own CUDA bu
 CPU machines (laptops, CI) install the pinned CPU build first from requirements/cpu.txt,
 which is what the README's commands and `.ci/run` do.
 
-Versions: Python 3.10-3.12 (NGC PyTorch containers run 3.12). megatron-core is pinned to the release
-every workaround in megatron_harpe/compat.py was verified on (its wheels exist for 3.10-3.12);
-Transformer Engine to the range that megatron-core release supports (its own `dev` extra says
->=2.9,<2.12). Triton comes with CUDA builds of torch; the CPU requirements add it for the kernel's
-interpreter tests.
+Versions (docs/gpu.md "Versions" says what was read and what was run): Python 3.10-3.12 (NGC PyTorch
+containers run 3.12). megatron-core is a range, 0.16.1 (the last release for Python 3.11) through 0.19.x: CI runs
+the suite on both ends (Makefile: test-stable, test-current), and every workaround in megatron_harpe/compat.py is
+keyed to the releases that need it. requirements/cpu.txt and requirements/current.txt keep the exact versions CI
+installs. Transformer Engine from 2.9 (the floor of both megatron-core releases) to the newest release at the time
+of writing; Triton comes with CUDA builds of torch; the CPU requirements add it for the kernel's interpreter tests.
 """
 from setuptools import find_packages, setup
 
@@ -35,7 +36,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.21"],
         # mpi4py (binary wheel) + the MPICH wheel (mpiexec in the venv's bin/), so MPI launches work and are
         # tested anywhere; on a cluster with its own MPI, install mpi4py alone (see docs/launch.md).
         "mpi": ["mpi4py", "mpich"],

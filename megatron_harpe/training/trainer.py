@@ -113,6 +113,7 @@ class Trainer:
         self.dp_size = ps.get_data_parallel_world_size()
         self.params_dtype = _params_dtype(cfg)
         self.replan = False
+        self._log_event = None
 
     # ------------------------------------------------------------------ building
     def _transformer_config(self, model_cfg):
@@ -275,6 +276,7 @@ class Trainer:
         logger.log_event(f"{self.how}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
                          f"world {self.world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {self.dp_size}")
         compat.start_checkpoint_writer_shielded(parse_signals(self.cfg.checkpoint.exit_signals))
+        self._log_event = logger.log_event
         with SignalWatcher(self.cfg.checkpoint.exit_signals) as watcher:
             result = self._train(iteration, data, logger, watcher)
         logger.log_event(f"{result.reason} | {summary_line(logger.summary())} | checkpoints: {self.ckpt_dir} | "
@@ -445,8 +447,12 @@ class Trainer:
     def _save(self, iteration: int, stage: Stage) -> None:
         if ckpt.latest_checkpoint(self.ckpt_dir) == self.ckpt_dir / ckpt.checkpoint_name(iteration):
             return
+        started = time.perf_counter()
         with self._parameters_gathered():
             self._write_checkpoint(iteration, stage)
+        if self._log_event is not None:  # how long a save blocks training: what would justify async saving
+            self._log_event(f"checkpoint {ckpt.checkpoint_name(iteration)} saved in "
+                            f"{time.perf_counter() - started:.2f} s")
 
     def _write_checkpoint(self, iteration: int, stage: Stage) -> None:
         ckpt.save_checkpoint(self.ckpt_dir, iteration, chunks=self.chunks, optimizer=self.optimizer,
