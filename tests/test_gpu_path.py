@@ -135,9 +135,11 @@ def test_auto_kernel_is_fused_where_available(kind, machine, expected):
 def test_fusions_are_on_where_they_do_not_touch_harpe():
     cpu = fusion_settings(_model(), cuda=False, te=False)
     assert not any(cpu.values())  # CPU: everything off
-    harpe = fusion_settings(_model(), cuda=True, te=True, kernel="fused")
+    harpe = fusion_settings(_model(), cuda=True, te=True, kernel="fused", apex_wgrad=True)
     assert harpe["bias_activation_fusion"] and harpe["bias_dropout_fusion"] and harpe["cross_entropy_loss_fusion"]
     assert harpe["gradient_accumulation_fusion"]
+    # TE from PyPI without apex: the output layer (megatron-core's ColumnParallelLinear) could not be built
+    assert not fusion_settings(_model(), cuda=True, te=True, kernel="fused")["gradient_accumulation_fusion"]
     assert not harpe["apply_rope_fusion"] and not harpe["fused_single_qkv_rope"]  # HARPE: own kernel, never TE's
     rope = fusion_settings(_model("rope"), cuda=True, te=True, kernel="fused")
     assert rope["apply_rope_fusion"]  # one base: TE's fused RoPE

@@ -59,7 +59,15 @@ def rope_kernel(model_cfg: ModelConfig, *, cuda: bool, te: bool, triton: bool, i
     return "fused" if position.kernel == "auto" and available else "unfused"
 
 
-def fusion_settings(model_cfg: ModelConfig, *, cuda: bool, te: bool, kernel: str = "unfused") -> Dict[str, bool]:
+def apex_wgrad_fusion_available() -> bool:
+    """Whether apex's `fused_weight_gradient_mlp_cuda` extension is installed (found, not imported)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fusion_settings(model_cfg: ModelConfig, *, cuda: bool, te: bool, kernel: str = "unfused",
+                    apex_wgrad: bool = False) -> Dict[str, bool]:
     """megatron-core's fusion switches for this model on this machine: the one place they are decided.
 
     | switch                       | on when              | why                                                   |
@@ -67,8 +75,13 @@ def fusion_settings(model_cfg: ModelConfig, *, cuda: bool, te: bool, kernel: str
     | bias_activation_fusion       | CUDA                 | SwiGLU in one fused kernel (bias-free variant)        |
     | bias_dropout_fusion          | CUDA                 | dropout + residual add in one fused kernel            |
     | cross_entropy_loss_fusion    | CUDA                 | megatron-core's native vocab-parallel fused loss      |
-    | gradient_accumulation_fusion | CUDA and TE          | TE's linears add wgrad into main_grad inside the GEMM |
-    |                              |                      | (megatron-core's local linears would need apex)       |
+    | gradient_accumulation_fusion | CUDA, TE and apex's  | TE's linears add wgrad into main_grad inside the GEMM;|
+    |                              | wgrad extension      | but GPTModel's output layer is megatron-core's own    |
+    |                              | (`apex_wgrad`)       | ColumnParallelLinear, which raises RuntimeError at    |
+    |                              |                      | build without apex's fused_weight_gradient_mlp_cuda   |
+    |                              |                      | (tensor_parallel/layers.py:924 in core_v0.16.1, :1070 |
+    |                              |                      | in 0.19.2): TE from PyPI without apex would crash.    |
+    |                              |                      | Megatron-LM turns it off the same way (arguments.py)  |
     | apply_rope_fusion            | rope/pi, kernel fused| TE's fused RoPE takes ONE frequency table for all     |
     |                              |                      | heads: never for HARPE (per-head angles; TE checks    |
     |                              |                      | freqs.size(2) == 1), which has its own fused kernel   |
@@ -83,7 +96,7 @@ def fusion_settings(model_cfg: ModelConfig, *, cuda: bool, te: bool, kernel: str
         bias_activation_fusion=cuda,
         bias_dropout_fusion=cuda,
         cross_entropy_loss_fusion=cuda,
-        gradient_accumulation_fusion=cuda and te,
+        gradient_accumulation_fusion=cuda and te and apex_wgrad,
         apply_rope_fusion=cuda and te and rope_fused_by_te,
         fused_single_qkv_rope=False,
         masked_softmax_fusion=False,

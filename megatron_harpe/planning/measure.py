@@ -84,7 +84,8 @@ def _build(plan: Plan):
 
     from megatron_harpe import compat
     from megatron_harpe.models.provider import build_model
-    from megatron_harpe.models.transformer_config import build_transformer_config, fusion_settings
+    from megatron_harpe.models.transformer_config import (apex_wgrad_fusion_available, build_transformer_config,
+                                                          fusion_settings)
 
     p, w = plan.layout, plan.workload
     cuda, te = _device_and_spec(plan)
@@ -94,7 +95,9 @@ def _build(plan: Plan):
     tcfg = build_transformer_config(
         model_cfg, tensor_parallel=p.tp, pipeline_parallel=p.pp, virtual_pipeline_parallel=p.vpp,
         context_parallel=p.cp, sequence_parallel=p.sp, params_dtype=dtype, use_cpu_initialization=not cuda,
-        fusions=fusion_settings(model_cfg, cuda=cuda, te=te, kernel=kernel), calculate_per_token_loss=True,
+        fusions=fusion_settings(model_cfg, cuda=cuda, te=te, kernel=kernel,
+                                apex_wgrad=cuda and apex_wgrad_fusion_available()),
+        calculate_per_token_loss=True,
         recompute_granularity=p.recompute, recompute_method=p.recompute_method,
         recompute_num_layers=p.recompute_num_layers, recompute_modules=list(p.recompute_modules) or None,
         cp_comm_type=p.cp_comm if p.cp > 1 else None, batch_p2p_comm=compat.batch_p2p_comm(p.vpp))

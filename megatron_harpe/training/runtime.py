@@ -17,7 +17,7 @@ import torch
 from megatron_harpe.config.loader import ConfigError
 from megatron_harpe.config.schema import Config
 from megatron_harpe.models.spec import transformer_engine_available
-from megatron_harpe.models.transformer_config import rope_kernel
+from megatron_harpe.models.transformer_config import apex_wgrad_fusion_available, rope_kernel
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Machine:
     triton: bool
     capability: Optional[Tuple[int, int]]  # compute capability of the current GPU, None without CUDA
     triton_interpreted: bool = False  # TRITON_INTERPRET=1: kernels run in Triton's (slow) interpreter
+    apex_wgrad: bool = False  # apex's fused_weight_gradient_mlp_cuda: needed for gradient_accumulation_fusion
 
     def peak_tflops(self, fp8: bool) -> Optional[float]:
         """Dense peak TFLOP/s per device, the MFU denominator: H100/H200 SXM (bf16 989, FP8 1979);
@@ -42,7 +43,8 @@ def detect_machine() -> Machine:
 
     return Machine(cuda=cuda, te=cuda and transformer_engine_available(), triton=fused_rope_available(),
                    capability=torch.cuda.get_device_capability() if cuda else None,
-                   triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1")
+                   triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1",
+                   apex_wgrad=cuda and apex_wgrad_fusion_available())
 
 
 def check_runtime(cfg: Config, machine: Machine) -> None:
