@@ -64,6 +64,10 @@ KNOWN_WARNINGS: Tuple[Tuple[str, Type[Warning], str], ...] = (
     (r"`load_state_dict` is deprecated and will be removed", FutureWarning,
      "raised inside megatron-core 0.16.1's checkpoint loader"),
     (r"TypedStorage is deprecated", UserWarning, "raised inside torch.distributed.checkpoint"),
+    (r"If you are using transformer_engine as the transformer implementation, the core_attn is from "
+     r"transformer_engine", UserWarning,
+     "megatron-core's TransformerConfig says it for any selective core_attn recompute; with the local spec the "
+     "SDPA core attention is ours and recomputing it is what the config asks for"),
 )
 
 

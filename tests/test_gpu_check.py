@@ -1,4 +1,5 @@
-"""tools/gpu_check.py, the script the first GPU session runs, kept from rotting on CPU.
+"""tools/gpu_check.py (the entry point; the sections, report and run loop are the package tools/gpu_checks/),
+the script the first GPU session runs, kept from rotting on CPU.
 
 One subprocess run in CPU mode (tiny sizes, Triton's interpreter, gloo; ~45 s on 2 cores) must pass every
 section a-h, with only the parts CPU mode cannot do (the flash backend, performance targets, the CUDA peak)
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,10 +28,16 @@ CPU_LABEL = "CPU mode: correctness only, no performance numbers"
 
 
 def load_tool():
+    """The entry point loaded from its path, as `python tools/gpu_check.py` runs it, with the package modules
+    the tests reach into: cli (the run loop: SECTION_FUNCS, ALARM_GRACE_S), common (TITLES, SIZES, CAPS) and
+    h (section h: COLUMNS, TOLERANCE, world_of_one, measure, estimate_seconds)."""
     spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    from tools.gpu_checks import cli, common, h_planner
+
+    assert mod.main is cli.main  # the script is the package's command line, nothing of its own
+    return SimpleNamespace(main=mod.main, cli=cli, common=common, h=h_planner)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +89,18 @@ def test_cpu_mode_resume_trace_is_identical(cpu_run):
 
 
 def test_cpu_mode_numbers_the_gpu_run_will_fill(cpu_run):
-    """The same code paths as on a GPU: b checks fp32 and bf16, both apply paths and gradients; c every CP
-    size; d both masks with GQA; e the three layer variants; g bench_rope's numerics."""
+    """The same code paths as on a GPU: a names the megatron-core release and whether it is supported; b checks
+    fp32 and bf16, both apply paths and gradients; c every CP size; d both masks with GQA; e the three layer
+    variants; g bench_rope's numerics."""
     _, out, _ = cpu_run
     secs = json.loads((out / "gpu_check.json").read_text())["sections"]
     names = lambda key: [c["name"] for c in secs[key]["checks"]]  # noqa: E731
+    from megatron_harpe import compat
+
+    mcore = secs["a"]["numbers"]["megatron_core"]
+    assert mcore["installed"] == compat.installed_version() == secs["a"]["numbers"]["versions"]["megatron_core"]
+    assert mcore["supported"] is True and mcore["tested_releases"] == list(compat.TESTED_RELEASES)
+    assert "megatron-core release is in the range this project supports" in names("a")
     for dtype in ("fp32", "bf16"):
         for path in ("fused", "unfused"):
             assert f"{dtype} {path} gradients vs float64 (rotation by -angle)" in names("b")
@@ -106,15 +121,15 @@ def test_cpu_mode_section_h_rows_ratios_and_table(cpu_run):
     _, out, _ = cpu_run
     tool = load_tool()
     h = json.loads((out / "gpu_check.json").read_text())["sections"]["h"]
-    keys = [k for k, _ in tool.H_COLUMNS]
-    labels = [label for _, label in tool.H_COLUMNS]
+    keys = [k for k, _ in tool.h.COLUMNS]
+    labels = [label for _, label in tool.h.COLUMNS]
     rows = h["numbers"]["plans"]
     assert len(rows) >= 6 and all(list(r) == keys for r in rows)
     assert {r["layout"] for r in rows} == {"plain", "DO", "full(uniform,1)", "sel(core_attn)"}
     assert len({r["seq"] for r in rows}) == 2 and {r["rope"] for r in rows} == {"unfused"}
     for r in rows:
         assert r["result"] == "pass", r
-        for comp, tol in tool.H_TOLERANCE.items():
+        for comp, tol in tool.h.TOLERANCE.items():
             assert set(r[comp]) == {"measured", "planned", "ratio", "within"}, r[comp]
             if comp == "peak":  # no CUDA allocator on CPU: planned only
                 assert r[comp]["measured"] is None and r[comp]["ratio"] is None and r[comp]["planned"] > 0
@@ -123,7 +138,7 @@ def test_cpu_mode_section_h_rows_ratios_and_table(cpu_run):
                 assert r[comp]["ratio"] == r[comp]["measured"] / r[comp]["planned"]
         check = next(c for c in h["checks"]
                      if c["name"].startswith(r["plan"] + " ") and "planned vs measured" in c["name"])
-        assert check["result"] == "pass" and check["value"] == {c: r[c]["ratio"] for c in tool.H_TOLERANCE
+        assert check["result"] == "pass" and check["value"] == {c: r[c]["ratio"] for c in tool.h.TOLERANCE
                                                                  if c != "peak"}
     assert set(h["numbers"]["results"]) == {r["plan"] for r in rows}
     [table] = [t for t in h["tables"] if t["title"].startswith("measured / planned per plan")]
@@ -142,17 +157,17 @@ def test_markdown_report_names_every_section(cpu_run):
     tool = load_tool()
     assert CPU_LABEL in md
     for key in SECTIONS:
-        assert f"## {key}. {tool.TITLES[key]}" in md
-        assert f"| {key}. {tool.TITLES[key]} | ok |" in md
+        assert f"## {key}. {tool.common.TITLES[key]}" in md
+        assert f"| {key}. {tool.common.TITLES[key]} | ok |" in md
     assert "tolerance / goal" in md and "| PASS |" in md and "FAIL" not in md
 
 
 # ----------------------------------------------------------------------------- the plumbing, in-process
 @pytest.fixture
 def tool(monkeypatch):
-    """The script as a module, its environment changes undone after the test. Its backend choice is left out:
-    in this (shared) pytest process another test may have chosen one already."""
-    for name in ("CUDA_VISIBLE_DEVICES", "HARPE_BACKEND", "TRITON_INTERPRET"):
+    """The script and its package, its environment changes undone after the test. Its backend choice is left
+    out: in this (shared) pytest process another test may have chosen one already."""
+    for name in ("CUDA_VISIBLE_DEVICES", "HARPE_BACKEND", "TRITON_INTERPRET", "HARPE_QUIET_WARNINGS"):
         monkeypatch.setenv(name, os.environ.get(name, ""))
     import megatron_harpe.backends
 
@@ -178,10 +193,11 @@ def test_failed_check_error_and_overrun_are_recorded_and_the_run_goes_on(tool, m
     def hangs(sec, env):
         time.sleep(30)  # interrupted by the section's alarm
 
-    monkeypatch.setattr(tool, "SECTION_FUNCS", {"a": passes, "b": fails, "c": raises, "d": overruns_cooperatively,
-                                                "e": hangs, "f": passes, "g": passes})
-    monkeypatch.setitem(tool.CAPS, "cpu", dict(a=5, b=5, c=5, d=5, e=0.5, f=5, g=5))
-    monkeypatch.setattr(tool, "ALARM_GRACE_S", 0.0)
+    monkeypatch.setattr(tool.cli, "SECTION_FUNCS", {"a": passes, "b": fails, "c": raises,
+                                                    "d": overruns_cooperatively, "e": hangs, "f": passes,
+                                                    "g": passes})
+    monkeypatch.setitem(tool.common.CAPS, "cpu", dict(a=5, b=5, c=5, d=5, e=0.5, f=5, g=5))
+    monkeypatch.setattr(tool.cli, "ALARM_GRACE_S", 0.0)
     started = time.monotonic()
     code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "a,b,c,d,e,f"])
     assert time.monotonic() - started < 20
@@ -199,7 +215,7 @@ def test_failed_check_error_and_overrun_are_recorded_and_the_run_goes_on(tool, m
 
 
 def test_spent_budget_skips_the_remaining_sections(tool, monkeypatch, tmp_path):
-    monkeypatch.setattr(tool, "SECTION_FUNCS", {k: (lambda sec, env: sec.check("ok", True)) for k in SECTIONS})
+    monkeypatch.setattr(tool.cli, "SECTION_FUNCS", {k: (lambda sec, env: sec.check("ok", True)) for k in SECTIONS})
     code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "a,b", "--budget", "1"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert code == 1 and all(s["status"].startswith("skipped: the run's") for s in report["sections"].values())
@@ -232,8 +248,8 @@ def _h_stand_ins(tool, monkeypatch, measure):
         p = planned(plan)
         return {"measured": measure(plan, dict(p, peak_allocated=None)), "planned": p, "loss": 1.0}
 
-    monkeypatch.setattr(tool, "_h_world", stand_in_world)
-    monkeypatch.setattr(tool, "_h_measure", stand_in_measure)
+    monkeypatch.setattr(tool.h, "world_of_one", stand_in_world)
+    monkeypatch.setattr(tool.h, "measure", stand_in_measure)
     return world
 
 
@@ -249,8 +265,9 @@ def test_section_h_isolates_each_plan_and_skips_what_does_not_fit(tool, monkeypa
         return measured
 
     world = _h_stand_ins(tool, monkeypatch, measure)
-    long_seq = max(tool.SIZES["cpu"]["h"]["seqs"])
-    monkeypatch.setattr(tool, "_h_estimate", lambda plan, done, env: 1e6 if plan.workload.seq_length == long_seq else 0)
+    long_seq = max(tool.common.SIZES["cpu"]["h"]["seqs"])
+    monkeypatch.setattr(tool.h, "estimate_seconds",
+                        lambda plan, done, env: 1e6 if plan.workload.seq_length == long_seq else 0)
     code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "h"])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     h = report["sections"]["h"]
@@ -281,9 +298,9 @@ def test_section_h_stopped_by_its_cap_keeps_its_rows(tool, monkeypatch, tmp_path
         return measured
 
     world = _h_stand_ins(tool, monkeypatch, measure)
-    monkeypatch.setattr(tool, "_h_estimate", lambda plan, done, env: 0)
-    monkeypatch.setitem(tool.CAPS, "cpu", dict(tool.CAPS["cpu"], h=2))
-    monkeypatch.setattr(tool, "ALARM_GRACE_S", 0.0)
+    monkeypatch.setattr(tool.h, "estimate_seconds", lambda plan, done, env: 0)
+    monkeypatch.setitem(tool.common.CAPS, "cpu", dict(tool.common.CAPS["cpu"], h=2))
+    monkeypatch.setattr(tool.cli, "ALARM_GRACE_S", 0.0)
     started = time.monotonic()
     code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "h"])
     assert time.monotonic() - started < 20

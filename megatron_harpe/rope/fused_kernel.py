@@ -344,15 +344,13 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def _launch(q, k, inv_freq, interleaved, cu_seqlens, cp_size, cp_rank, offset, backward):
-    """One kernel launch rotating q and k (forward) or their gradients (backward). Returns new tensors."""
-    kernel, precise_ok = _build_kernel()
+def _launch_args(q, k, out_q, out_k, inv_freq, interleaved, cu_seqlens, cp_size, cp_rank, offset, backward):
+    """(grid, args, constexprs) of one launch: `_launch` runs `kernel[grid](*args, **constexprs)`, and
+    tests/test_fused_rope_compile.py compiles the same arguments ahead of time for sm_90/sm_100.
+    PRECISE/SOFT_BF16 follow TRITON_INTERPRET: on a GPU libdevice cos/sin and the hardware bf16 cast."""
+    precise_ok = _build_kernel()[1]
     thd = cu_seqlens is not None
-    out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     n_tokens = q.shape[0]
-    if n_tokens == 0 or q.numel() == 0:
-        return out_q, out_k
     groups, half = inv_freq.shape
     d = q.shape[-1]
     if thd:  # view as [t, 1, h, d] with batch stride 0
@@ -381,16 +379,29 @@ def _launch(q, k, inv_freq, interleaved, cu_seqlens, cp_size, cp_rank, offset, b
         splits = 1 if blocks * groups >= _MIN_PROGRAMS else min(n_batch, 65535)
         return (blocks, groups, splits)
 
-    kernel[grid](
-        q, k, out_q, out_k, inv, cu_arg,
-        n_tokens, n_batch, n_docs, n_search, offset, cp_size, cp_rank,
-        q_st, q_sb, q_sh, k_st, k_sb, k_sh,
-        oq_st, oq_sb, oq_sh, ok_st, ok_sb, ok_sh, inv.stride(0),
+    args = (q, k, out_q, out_k, inv, cu_arg,
+            n_tokens, n_batch, n_docs, n_search, offset, cp_size, cp_rank,
+            q_st, q_sb, q_sh, k_st, k_sb, k_sh,
+            oq_st, oq_sb, oq_sh, ok_st, ok_sb, ok_sh, inv.stride(0))
+    constexprs = dict(
         HPG=q.shape[-2] // groups, HALF=half, HALF_PAD=_pow2(half),
         PASS=d - 2 * half, PASS_PAD=_pow2(max(d - 2 * half, 1)), INTERLEAVED=bool(interleaved),
         THD=thd, CP=cp_size > 1, BACKWARD=backward,
         PRECISE=precise_ok and not _interpreting(), SOFT_BF16=_interpreting(),
     )
+    return grid, args, constexprs
+
+
+def _launch(q, k, inv_freq, interleaved, cu_seqlens, cp_size, cp_rank, offset, backward):
+    """One kernel launch rotating q and k (forward) or their gradients (backward). Returns new tensors."""
+    kernel, _ = _build_kernel()
+    out_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.shape[0] == 0 or q.numel() == 0:
+        return out_q, out_k
+    grid, args, constexprs = _launch_args(q, k, out_q, out_k, inv_freq, interleaved, cu_seqlens, cp_size, cp_rank,
+                                          offset, backward)
+    kernel[grid](*args, **constexprs)
     return out_q, out_k
 
 
