@@ -34,6 +34,9 @@ setup(
         "pyarrow>=14.0.1",
         "pybind11>=2.10",
         "tensorboard",
+        # megatron-core builds the two levels of a2a+p2p context parallelism with einops
+        # (parallel_state.create_hierarchical_groups) and imports it only then
+        "einops",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.21"],

@@ -29,6 +29,11 @@ class ParallelConfig:
     # compute; TE's default), all_gather, a2a (Ulysses-style, needs heads divisible by CP), a2a+p2p.
     # Without TE the SDPA core attention always all-gathers K/V (parallel/core_attention.py).
     cp_comm_type: str = "p2p"
+    # a2a+p2p only: [a2a size, p2p size], product = context. a2a inside each inner group (put it within a
+    # node's NVLink domain), p2p ring across the groups. megatron-core builds these groups only when
+    # initialize_model_parallel is given the sizes; without them TE's attention gets no CP group and runs each
+    # rank's chunks alone, silently (Megatron-Bridge #2667) - so the sizes are required, not guessed.
+    hierarchical_context_sizes: Optional[List[int]] = None
 
 
 @dataclass

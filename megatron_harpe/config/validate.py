@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 from typing import Iterable, List
 
+from megatron_harpe.config.combinations import config_refusals
 from megatron_harpe.config.loader import ConfigError
 from megatron_harpe.config.model import check_layout
 from megatron_harpe.config.schema import Config, parse_blend
@@ -54,6 +55,7 @@ def validate_config(cfg: Config, world_size: int) -> None:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
     if p.cp_comm_type not in CP_COMM_TYPES:
         raise ConfigError(f"parallel.cp_comm_type must be one of {CP_COMM_TYPES}, got {p.cp_comm_type!r}")
+    _validate_hierarchical_context(p)
     _validate_batches(cfg, data_parallel=world_size // model_parallel)
     _validate_data(cfg)
     _validate_training(cfg)
@@ -69,6 +71,15 @@ def validate_config(cfg: Config, world_size: int) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     _validate_profile(cfg, world_size)
+    raise_refusals(config_refusals(cfg))
+
+
+def raise_refusals(refusals) -> None:
+    """Combinations Transformer Engine or megatron-core cannot run (config/combinations.py): all of them, at once."""
+    if refusals:
+        lines = [r.message() for r in refusals]
+        raise ConfigError(lines[0] if len(lines) == 1 else
+                          f"{len(lines)} combinations cannot run:\n  - " + "\n  - ".join(lines))
 
 
 def _validate_batches(cfg: Config, data_parallel: int) -> None:
@@ -185,6 +196,33 @@ def _validate_evaluation(cfg: Config) -> None:
                               f"(2 x parallel.context, x parallel.tensor with sequence parallelism)")
 
 
+def _validate_hierarchical_context(p) -> None:
+    """a2a+p2p needs the two levels of the CP group spelled out (schema.py says why)."""
+    sizes = p.hierarchical_context_sizes
+    if p.cp_comm_type == "a2a+p2p" and p.context > 1:
+        if not sizes:
+            raise ConfigError(f"parallel.cp_comm_type=a2a+p2p needs parallel.hierarchical_context_sizes=[A2A,P2P] with "
+                              f"A2A x P2P = parallel.context ({p.context}), e.g. [{_inner_guess(p.context)},"
+                              f"{p.context // _inner_guess(p.context)}]: without them megatron-core hands Transformer "
+                              f"Engine no hierarchical CP group and each rank attends only within its own chunks "
+                              f"(a plausible loss, a wrong model); or use cp_comm_type p2p or a2a")
+        if len(sizes) != 2 or min(sizes) < 1 or sizes[0] * sizes[1] != p.context:
+            raise ConfigError(f"parallel.hierarchical_context_sizes must be two sizes [A2A,P2P] whose product is "
+                              f"parallel.context ({p.context}), got {list(sizes)}")
+    elif sizes:
+        raise ConfigError(f"parallel.hierarchical_context_sizes={list(sizes)} is used only with parallel.cp_comm_type="
+                          f"a2a+p2p and parallel.context > 1 (here cp_comm_type={p.cp_comm_type}, context="
+                          f"{p.context}); remove it")
+
+
+def _inner_guess(context: int) -> int:
+    """A suggestion for the a2a level: the largest power of two <= 8 (a node's GPUs) dividing context, < context."""
+    size = 1
+    while size * 2 <= 8 and context % (size * 2) == 0 and size * 2 < context:
+        size *= 2
+    return size
+
+
 def _validate_fp8(cfg: Config) -> None:
     """FP8 settings that can be judged from the config alone (TE and the GPU are checked at start-up,
     training/runtime.py)."""
@@ -212,9 +250,6 @@ def _validate_fp8(cfg: Config) -> None:
     if f.multi_head_attention and position.kind == "harpe":
         raise ConfigError("fp8.multi_head_attention hands attention FP8 q and k straight from the QKV projection, "
                           "but HARPE rotates q and k (per head) in between; use fp8.dot_product_attention alone")
-    if f.dot_product_attention and p.context > 1 and p.cp_comm_type == "all_gather":
-        raise ConfigError("fp8.dot_product_attention with context parallelism needs parallel.cp_comm_type p2p, a2a "
-                          "or a2a+p2p: Transformer Engine 2.9-2.11 has no FP8 path for all_gather")
     if f.first_last_layers_bf16:
         kept = f.num_layers_at_start_in_bf16 + f.num_layers_at_end_in_bf16
         if min(f.num_layers_at_start_in_bf16, f.num_layers_at_end_in_bf16) < 0 or kept >= cfg.model.num_layers:

@@ -199,10 +199,12 @@ def check_plan(plan: Plan) -> None:
                           f"{p.tp}: they must divide")
     if p.cp_comm not in CP_COMM_TYPES:
         raise LayoutError(f"cp_comm_type must be one of {CP_COMM_TYPES}, got {p.cp_comm!r}")
-    if p.cp > 1 and p.cp_comm.startswith("a2a") and w.backend == "te":
+    if p.cp > 1 and p.cp_comm == "a2a+p2p" and w.backend == "te":
+        # the plan has no hierarchical sizes: ask for what any a2a level would need at most
         if (m.num_attention_heads // p.tp) % p.cp or (m.num_query_groups // p.tp) % p.cp:
             raise LayoutError(f"cp_comm_type {p.cp_comm} needs the heads of a TP rank ({m.num_attention_heads // p.tp} "
                               f"query, {m.num_query_groups // p.tp} K/V) divisible by CP {p.cp}")
+    _raise_combinations(plan)
     if w.micro_batch < 1 or w.global_batch < 1:
         raise LayoutError("micro-batch and global batch must be >= 1")
     if w.global_batch % (w.micro_batch * p.dp):
@@ -227,6 +229,36 @@ def check_plan(plan: Plan) -> None:
         raise LayoutError(f"backend must be one of {BACKENDS} and device one of {DEVICES}")
     if w.fp8 and w.backend != "te":
         raise LayoutError("FP8 needs the Transformer Engine spec (backend te)")
+
+
+#: The GPUs harpe-plan plans for (H100, H200) are sm90.
+PLANNED_GPU_CAPABILITY = (9, 0)
+
+
+def _raise_combinations(plan: Plan) -> None:
+    """config/combinations.py's rules for the planned machine: the TE spec (or not) on an sm90 GPU, TE version
+    unknown (so only rules that hold for every TE version read apply)."""
+    from megatron_harpe.config.combinations import Platform, context_parallel_refusals, fp8_refusals
+
+    m, p, w = plan.model, plan.layout, plan.workload
+    platform = Platform(capability=PLANNED_GPU_CAPABILITY if w.device == "gpu" else None, te=w.backend == "te")
+    refusals = context_parallel_refusals(cp=p.cp, cp_comm_type=p.cp_comm, packed=False,
+                                         query_heads_per_tp=m.num_attention_heads // p.tp,
+                                         groups_per_tp=m.num_query_groups // p.tp, hierarchical_sizes=None,
+                                         platform=platform)
+    split = p.cp * (p.tp if p.sequence_parallel and p.tp > 1 else 1)
+    d = m.head_dim
+    refusals += fp8_refusals(
+        fp8=w.fp8 is not None, dot_product_attention=w.fp8_dot_product_attention, recipe="delayed", packed=False,
+        head_dim=d, cp=p.cp, cp_comm_type=p.cp_comm,
+        tokens_per_rank=[(f"seq_length {w.seq_length}", w.seq_length * w.micro_batch // split)],
+        linear_dims=[("attention QKV", (m.num_attention_heads + 2 * m.num_query_groups) * d // p.tp, m.hidden_size),
+                     ("attention output", m.hidden_size, m.num_attention_heads * d // p.tp),
+                     ("MLP fc1", 2 * m.ffn_hidden_size // p.tp, m.hidden_size),
+                     ("MLP fc2", m.hidden_size, m.ffn_hidden_size // p.tp)],
+        platform=platform)
+    if refusals:
+        raise LayoutError("; ".join(r.message() for r in refusals))
 
 
 def resolve_rope_kernel(position: str, kernel: str, backend: str, device: str) -> str:

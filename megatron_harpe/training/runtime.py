@@ -14,7 +14,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron_harpe.config.combinations import Platform, config_refusals
 from megatron_harpe.config.loader import ConfigError
+from megatron_harpe.config.validate import raise_refusals
 from megatron_harpe.config.schema import Config
 from megatron_harpe.models.spec import transformer_engine_available
 from megatron_harpe.models.transformer_config import apex_wgrad_fusion_available, rope_kernel
@@ -28,6 +30,11 @@ class Machine:
     capability: Optional[Tuple[int, int]]  # compute capability of the current GPU, None without CUDA
     triton_interpreted: bool = False  # TRITON_INTERPRET=1: kernels run in Triton's (slow) interpreter
     apex_wgrad: bool = False  # apex's fused_weight_gradient_mlp_cuda: needed for gradient_accumulation_fusion
+    te_version: Optional[str] = None  # Transformer Engine's release when `te`
+
+    def platform(self) -> Platform:
+        """What config/combinations.py's rules may know about this machine."""
+        return Platform(te_version=self.te_version if self.te else None, capability=self.capability, te=self.te)
 
     def peak_tflops(self, fp8: bool) -> Optional[float]:
         """Dense peak TFLOP/s per device, the MFU denominator: H100/H200 SXM (bf16 989, FP8 1979);
@@ -44,7 +51,23 @@ def detect_machine() -> Machine:
     return Machine(cuda=cuda, te=cuda and transformer_engine_available(), triton=fused_rope_available(),
                    capability=torch.cuda.get_device_capability() if cuda else None,
                    triton_interpreted=os.environ.get("TRITON_INTERPRET") == "1",
-                   apex_wgrad=cuda and apex_wgrad_fusion_available())
+                   apex_wgrad=cuda and apex_wgrad_fusion_available(), te_version=_te_version())
+
+
+def _te_version() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("transformer-engine", "transformer_engine", "transformer-engine-torch"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    try:  # an NGC container's source build may carry no metadata under those names
+        import transformer_engine
+
+        return getattr(transformer_engine, "__version__", None)
+    except Exception:
+        return None
 
 
 def check_runtime(cfg: Config, machine: Machine) -> None:
@@ -66,6 +89,9 @@ def check_runtime(cfg: Config, machine: Machine) -> None:
                     interpreted=machine.triton_interpreted)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    # the combinations TE (by version) and this GPU (by capability) cannot run; config validation already
+    # applied the rules that hold everywhere
+    raise_refusals(config_refusals(cfg, machine.platform()))
     if machine.triton_interpreted and machine.cuda:
         raise ConfigError("TRITON_INTERPRET=1 is set on a GPU machine: Triton kernels would run in the (slow) "
                           "interpreter; unset it")

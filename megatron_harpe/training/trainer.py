@@ -107,7 +107,8 @@ class Trainer:
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,
                                      virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-                                     context_parallel_size=p.context)
+                                     context_parallel_size=p.context,
+                                     hierarchical_context_parallel_sizes=_hierarchical_context(p))
         _seed_everything(cfg.training.seed)
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
@@ -131,6 +132,7 @@ class Trainer:
             recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
             recompute_num_layers=t.recompute_num_layers, recompute_modules=t.recompute_modules,
             cp_comm_type=p.cp_comm_type if p.context > 1 else None,
+            hierarchical_context_parallel_sizes=_hierarchical_context(p),
             batch_p2p_comm=compat.batch_p2p_comm(p.virtual_pipeline),
             **fp8_settings(self.cfg.fp8),
         )
@@ -465,6 +467,13 @@ class Trainer:
     def _switch_stage(self, stage: Stage) -> None:
         for chunk in self.chunks:
             replace_position_encoding(unwrap_model(chunk), stage.model_cfg)
+
+
+def _hierarchical_context(p) -> Optional[List[int]]:
+    """The a2a+p2p levels for megatron-core (config/schema.py ParallelConfig says why they must be passed)."""
+    if p.cp_comm_type == "a2a+p2p" and p.context > 1:
+        return list(p.hierarchical_context_sizes)
+    return None
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
