@@ -55,17 +55,20 @@ WORKAROUNDS = (
                "training (Megatron-LM issue #750): batched p2p is switched off with virtual pipeline stages",
                ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("torch-adamw-fresh-step",
-               "loading a checkpoint into a fresh torch AdamW fails with KeyError 'step' (no per-parameter "
-               "state yet): every parameter gets an explicit zero step first",
+               "with the distributed optimizer, loading a checkpoint into a fresh torch AdamW (no per-parameter "
+               "state yet) fails: AssertionError `len(steps) == 1` in DistributedOptimizer.state_dict, reached "
+               "from sharded_state_dict(is_loading=True); every parameter gets an explicit zero step first",
                ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("torch-adamw-shared-step",
-               "after loading, every parameter's state holds the SAME step tensor, which AdamW increments once "
-               "per parameter per step (wrong bias correction after resume): each gets its own copy",
+               "with the distributed optimizer, after loading every parameter's state holds the SAME step tensor, "
+               "which AdamW increments once per parameter per step (wrong bias correction after resume: the "
+               "second step after resume differs): each gets its own copy",
                ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("reshardable-optimizer-step",
                "the distributed optimizer's 'fully_reshardable' loader copies a 'step' it never saved for torch "
-               "AdamW (KeyError 'step'): that parameter state is loaded with 'step' set aside; and the default "
-               "sharding 'fully_sharded_model_space' fails with torch AdamW, so 'fully_reshardable' is used",
+               "AdamW (KeyError 'step'): that parameter state is loaded with 'step' set aside. (Why that format: "
+               "megatron-core's default 'fully_sharded_model_space' fails at save with 'ShardedTensor."
+               "flattened_range is not supported' on 0.16.1 and 0.19.2; see optimizer_checkpoint_metadata)",
                ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("checkpoint-writer-signals",
                "the torch_dist writer's helper process (a spawned multiprocessing manager) dies of the very "
@@ -153,8 +156,29 @@ def batch_p2p_comm(virtual_pipeline: Optional[int]) -> bool:
 
 
 # ---------------------------------------------------------------------- torch AdamW in torch_dist checkpoints
-#: The distributed optimizer's checkpoint format (also lets a run resume with another DP size).
+#: The distributed optimizer's checkpoint format with torch's Adam/AdamW (it also resumes at any layout).
 OPTIMIZER_CHECKPOINT_METADATA: Dict[str, str] = {"distrib_optim_sharding_type": "fully_reshardable"}
+#: With TE's or apex's FusedAdam: each rank writes its own shard, nothing gathered (Megatron-LM's default).
+FUSED_ADAM_CHECKPOINT_METADATA: Dict[str, str] = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def optimizer_checkpoint_metadata(optimizer, requested: str = "auto") -> Dict[str, str]:
+    """The distributed optimizer's checkpoint format for `optimizer` (checkpoint.optimizer_format).
+
+    fully_reshardable only where torch's AdamW needs it: megatron-core's default format fails at save with it
+    (reshardable-optimizer-step), and fully_reshardable gathers the whole DP group's optimizer state into every
+    rank's host memory at each save (distrib_optimizer.py ~1030/~1443 in 0.16.1) - affordable at CPU sizes, ~10
+    GB per rank at TP=8 for a 7B model. TE's or apex's FusedAdam keep 'step' per group and take dp_reshardable."""
+    if requested == "dp_reshardable" and _torch_adam_optimizers(optimizer):
+        from megatron_harpe.cli import InputError
+
+        raise InputError("checkpoint.optimizer_format=dp_reshardable does not resume torch's AdamW exactly on "
+                         f"megatron-core {installed_version()} (measured on CPU: the loss trace leaves the "
+                         "uninterrupted one from the second step after resume); it is the format for TE's or apex's "
+                         "FusedAdam, which this machine does not have. Use checkpoint.optimizer_format=auto")
+    if requested != "auto":
+        return {"distrib_optim_sharding_type": requested}
+    return OPTIMIZER_CHECKPOINT_METADATA if _torch_adam_optimizers(optimizer) else FUSED_ADAM_CHECKPOINT_METADATA
 
 
 def _torch_adam_optimizers(optimizer) -> List[torch.optim.Optimizer]:

@@ -209,3 +209,48 @@ def test_the_planner_search_applies_the_same_rules():
     head_dim_64 = ["model.hidden_size=2048", "model.num_attention_heads=32", "model.num_query_groups=32"]
     with pytest.raises(LayoutError, match="head dim 128"):
         check_plan(plan_from_config(load_config(FP8_7B, head_dim_64), gpus=32))
+
+
+# ----------------------------------------------------------------------------- finding 7
+def test_optimizer_checkpoint_format_follows_the_optimizer_class():
+    """fully_reshardable gathers the whole DP group's optimizer state into every rank's host memory at each save
+    (distrib_optimizer.py ~1030/~1443 in core_v0.16.1): it is chosen only where torch's AdamW needs it (compat.py,
+    reshardable-optimizer-step). TE's/apex's FusedAdam (stood in for by a class that is not torch's Adam: neither
+    exists on a CPU) gets dp_reshardable, Megatron-LM's own default. An explicit checkpoint.optimizer_format wins."""
+    from megatron_harpe import compat
+
+    class _Chained:  # megatron-core's wrapper: `.optimizer` is the inner optimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class FusedAdam(torch.optim.Optimizer):  # the shape of TE's/apex's FusedAdam: not a torch.optim.Adam(W)
+        def __init__(self, params):
+            super().__init__(params, {"lr": 1e-3})
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    torch_adamw = _Chained(torch.optim.AdamW(params))
+    fused = _Chained(FusedAdam(params))
+    fmt = "distrib_optim_sharding_type"
+    assert compat.optimizer_checkpoint_metadata(torch_adamw)[fmt] == "fully_reshardable"
+    assert compat.optimizer_checkpoint_metadata(fused)[fmt] == "dp_reshardable"
+    assert compat.optimizer_checkpoint_metadata(fused, "fully_reshardable")[fmt] == "fully_reshardable"
+    from megatron_harpe.cli import InputError
+
+    with pytest.raises(InputError, match="does not resume torch's AdamW exactly"):
+        compat.optimizer_checkpoint_metadata(torch_adamw, "dp_reshardable")
+
+
+def test_dp_reshardable_state_is_refused_at_another_tensor_parallel_size(tmp_path):
+    """dp_reshardable optimizer state is each rank's flat buffer of its TP/PP/CP shard: megatron-core resumes it at
+    another DP size only. Resuming it at another TP is refused by name, with the way out, before megatron-core fails
+    deep in the load. (Here: a world of one at TP=1 asked to load state saved at TP=2.)"""
+    from megatron_harpe.models.checkpoint import CheckpointError
+    from megatron_harpe.training.checkpointing import _check_optimizer_layout
+
+    dp = {"distrib_optim_sharding_type": "dp_reshardable"}
+    with single_process_world():
+        with pytest.raises(CheckpointError, match="resumes at another DP size only, not at another TP"):
+            _check_optimizer_layout(tmp_path, dp, {"world": 2, "tp": 2, "pp": 1, "cp": 1})
+        _check_optimizer_layout(tmp_path, dp, {"world": 2, "tp": 1, "pp": 1, "cp": 1})  # another DP only: fine
+        _check_optimizer_layout(tmp_path, {"distrib_optim_sharding_type": "fully_reshardable"},
+                                {"world": 2, "tp": 2, "pp": 1, "cp": 1})

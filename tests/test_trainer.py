@@ -116,6 +116,22 @@ def test_resume_after_signal_is_bit_identical(tmp_path, layout, signal_children)
     assert {**losses(first), **losses(second)} == losses(straight)  # bit-identical trace
 
 
+def test_dp_reshardable_is_refused_with_torch_adamw_and_auto_records_its_format(tmp_path):
+    """checkpoint.optimizer_format (issue 22 finding 7). dp_reshardable - no gather of the DP group's optimizer
+    state at each save; what FusedAdam gets on GPUs - does not resume torch's AdamW exactly (measured: DP=2 bf16,
+    iterations 6-8 after a resume at 4 differ), so with torch's AdamW it is refused before the first step, exit 2;
+    `auto` records the format it chose (fully_reshardable here) in the checkpoint, which is loaded in that format."""
+    from megatron_harpe.models.checkpoint import read_common_state
+
+    layout = ["parallel.distributed_optimizer=true", "training.iterations=2"]
+    refused = train(tmp_path, "dp_reshardable", 2, *layout, "checkpoint.optimizer_format=dp_reshardable")
+    assert refused["exit_code"] == 2 and not refused["losses"]
+    auto = train(tmp_path, "auto", 2, *layout)
+    assert auto["exit_code"] == 0
+    assert read_common_state(tmp_path / "auto" / "checkpoints" / "iter_0000002")["optimizer_format"] == \
+        "fully_reshardable"
+
+
 def test_resume_with_another_tensor_parallel_size(tmp_path, runs):
     """The reference run's TP=2 checkpoint at iteration 4, resumed at TP=1 (RNG streams re-seeded, weights
     and optimizer resharded), continues the same trace; its evaluation at iteration 8 (validation loss,

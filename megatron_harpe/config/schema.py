@@ -193,6 +193,14 @@ class CheckpointConfig:
     keep_last: int = 2
     resume: bool = True  # resume automatically from the latest checkpoint in dir
     exit_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # [] = no stop on signals
+    # How the distributed optimizer's state is saved (parallel.distributed_optimizer only):
+    #   auto: fully_reshardable with torch's AdamW (CPU, or GPUs without TE/apex: the only format its per-parameter
+    #         'step' survives, megatron_harpe/compat.py), dp_reshardable with TE's or apex's FusedAdam;
+    #   fully_reshardable: resumes at any TP/PP/CP/DP, but every save gathers the whole DP group's optimizer state
+    #         into each rank's host memory (~12 bytes per parameter of the rank's TP/PP shard: ~10 GB at TP=8 for 7B);
+    #   dp_reshardable: each rank writes its own shard, no gather; resumes at another DP size only (Megatron-LM's
+    #         default). To change TP/PP/CP, save one checkpoint with fully_reshardable first.
+    optimizer_format: str = "auto"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from megatron_harpe.config.schema import Config, parse_blend
 from megatron_harpe.config.stages import build_schedule
 
 DECAY_STYLES = ("constant", "cosine", "linear")
+OPTIMIZER_FORMATS = ("auto", "fully_reshardable", "dp_reshardable")
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -62,6 +63,9 @@ def validate_config(cfg: Config, world_size: int) -> None:
     _validate_fp8(cfg)
     _validate_wandb(cfg)
     parse_signals(cfg.checkpoint.exit_signals)
+    if cfg.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
+        raise ConfigError(f"checkpoint.optimizer_format must be one of {OPTIMIZER_FORMATS}, got "
+                          f"{cfg.checkpoint.optimizer_format!r}")
     try:
         for stage in build_schedule(cfg):
             check_layout(stage.model_cfg, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,

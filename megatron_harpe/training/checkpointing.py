@@ -28,7 +28,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron_harpe import compat
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.files import atomic_write_text
-from megatron_harpe.models.checkpoint import (load_model, load_model_state, model_sharded_state, read_checkpoint,
+from megatron_harpe.models.checkpoint import (CheckpointError, load_model, load_model_state, model_sharded_state,
+                                              read_checkpoint,
                                               read_common_state, write_checkpoint)
 
 LATEST = "latest"
@@ -77,19 +78,23 @@ def _layout() -> Dict[str, int]:
 
 
 def save_checkpoint(directory: str | Path, iteration: int, *, chunks: List[torch.nn.Module], optimizer, scheduler,
-                    model_cfg: ModelConfig, common: Dict[str, Any], keep_last: int, config_yaml: str) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint path."""
+                    model_cfg: ModelConfig, common: Dict[str, Any], keep_last: int, config_yaml: str,
+                    optimizer_format: str = "auto") -> Path:
+    """Collective: every rank calls it. Returns the checkpoint path. `optimizer_format`: checkpoint.optimizer_format
+    (compat.optimizer_checkpoint_metadata); recorded in the checkpoint, which is loaded in the format it was saved."""
     directory = Path(directory)
     final = directory / checkpoint_name(iteration)
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     state = model_sharded_state(chunks)
+    metadata = compat.optimizer_checkpoint_metadata(optimizer, optimizer_format)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=compat.OPTIMIZER_CHECKPOINT_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["rng"] = _rng_sharded_object(_rng_state())
-    common = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "layout": _layout(), **common}
+    common = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "layout": _layout(),
+              "optimizer_format": metadata["distrib_optim_sharding_type"], **common}
     write_checkpoint(final, state, model_cfg, common=common, side_files={"config.yaml": config_yaml},
-                     content_metadata=compat.OPTIMIZER_CHECKPOINT_METADATA)
+                     content_metadata=metadata)
     if dist.get_rank() == 0:
         atomic_write_text(directory / LATEST, final.name + "\n")
         _prune(directory, keep_last)
@@ -113,12 +118,14 @@ def load_checkpoint(path: str | Path, *, chunks: List[torch.nn.Module], optimize
     per-rank streams have no counterpart); `common["rng_restored"]` says which happened.
     """
     path = Path(path)
-    same_layout = read_common_state(path).get("layout") == _layout()
+    saved = read_common_state(path)
+    same_layout = saved.get("layout") == _layout()
     state = model_sharded_state(chunks)
     if load_optimizer and optimizer is not None:
+        metadata = _saved_optimizer_metadata(path, saved)
+        _check_optimizer_layout(path, metadata, saved.get("layout"))
         compat.prepare_optimizer_for_loading(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=compat.OPTIMIZER_CHECKPOINT_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=metadata)
     if same_layout:
         state["rng"] = _rng_sharded_object(_rng_state())
     loaded, common = read_checkpoint(path, state, model_cfg)
@@ -131,6 +138,28 @@ def load_checkpoint(path: str | Path, *, chunks: List[torch.nn.Module], optimize
         _set_rng_state(loaded["rng"])
     common["rng_restored"] = same_layout
     return common
+
+
+def _saved_optimizer_metadata(path: Path, common: Dict[str, Any]) -> Dict[str, str]:
+    """The optimizer format the checkpoint was saved in (checkpoints before checkpoint.optimizer_format were all
+    fully_reshardable)."""
+    return {"distrib_optim_sharding_type": common.get("optimizer_format",
+                                                      compat.OPTIMIZER_CHECKPOINT_METADATA["distrib_optim_sharding_type"])}
+
+
+def _check_optimizer_layout(path: Path, metadata: Dict[str, str], saved_layout: Optional[Dict[str, int]]) -> None:
+    """dp_reshardable optimizer state holds each rank's flat buffer of its TP/PP/CP shard: it resumes at another DP
+    size only. Said before megatron-core fails on it deep in the load."""
+    if metadata["distrib_optim_sharding_type"] != "dp_reshardable" or not saved_layout:
+        return
+    now = _layout()
+    changed = [k for k in ("tp", "pp", "cp") if saved_layout.get(k) != now.get(k)]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} holds dp_reshardable optimizer state (saved at "
+                              f"{', '.join(f'{k.upper()}={saved_layout.get(k)}' for k in ('tp', 'pp', 'cp'))}), which "
+                              f"resumes at another DP size only, not at another {'/'.join(k.upper() for k in changed)}: "
+                              f"resume at the saved layout once with checkpoint.optimizer_format=fully_reshardable "
+                              f"and save, or start from its weights only (training.init_from)")
 
 
 def resolve_checkpoint_path(path: str | Path, what: str = "training.init_from") -> Path:

@@ -187,6 +187,8 @@ class Trainer:
                                     params_dtype=self.params_dtype,
                                     use_distributed_optimizer=p.distributed_optimizer),
             self.chunks)
+        if p.distributed_optimizer:  # an optimizer format this optimizer cannot resume from: refused now, not at a save
+            compat.optimizer_checkpoint_metadata(self.optimizer, self.cfg.checkpoint.optimizer_format)
         plan = self.schedule_plan()
         # replan: the config's schedule wins over the checkpoint's (megatron-core's override flag)
         self.scheduler = OptimizerParamScheduler(
@@ -462,7 +464,8 @@ class Trainer:
                              scheduler=self.scheduler, model_cfg=stage.model_cfg,
                              common={"iteration": iteration, "stage": stage.index,
                                      "schedule": self.schedule_plan()},
-                             keep_last=self.cfg.checkpoint.keep_last, config_yaml=self.config_yaml)
+                             keep_last=self.cfg.checkpoint.keep_last, config_yaml=self.config_yaml,
+                             optimizer_format=self.cfg.checkpoint.optimizer_format)
 
     def _switch_stage(self, stage: Stage) -> None:
         for chunk in self.chunks:
