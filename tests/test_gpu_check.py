@@ -1,12 +1,14 @@
 """tools/gpu_check.py (the entry point; the sections, report and run loop are the package tools/gpu_checks/),
 the script the first GPU session runs, kept from rotting on CPU.
 
-One subprocess run in CPU mode (tiny sizes, Triton's interpreter, gloo; ~45 s on 2 cores) must pass every
-section a-h, with only the parts CPU mode cannot do (the flash backend, performance targets, the CUDA peak)
-recorded as skipped, an identical loss trace after the signal-and-resume of section f, section h's
-measured / planned rows, and a markdown report naming every section. The report plumbing (a failing check,
-a section that raises, one that overruns its cap, bad arguments; section h's per-plan isolation and time
-skips) is checked in-process with stand-ins, in about a second each.
+One subprocess run in CPU mode (tiny sizes, Triton's interpreter, gloo; ~60 s on 2 cores) must pass every
+section a-i, with only the parts CPU mode cannot do (the flash backend, performance targets, the CUDA peak,
+Transformer Engine's CP communication types and FP8 attention) recorded as skipped, an identical loss trace
+after the signal-and-resume of section f, section h's measured / planned rows, section i's two-rank layouts
+(TP=2 + SP, CP=2, packed CP=2, a negative control) each against one rank, and a markdown report naming every
+section. The report plumbing (a failing check, a section that raises, one that overruns its cap, bad
+arguments; section h's per-plan isolation and time skips; section i's scenario choice per platform, its
+one-GPU skip, and a failing scenario's relaunch) is checked in-process with stand-ins.
 """
 from __future__ import annotations
 
@@ -23,21 +25,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
-SECTIONS = "abcdefgh"
+SECTIONS = "abcdefghi"
 CPU_LABEL = "CPU mode: correctness only, no performance numbers"
 
 
 def load_tool():
     """The entry point loaded from its path, as `python tools/gpu_check.py` runs it, with the package modules
-    the tests reach into: cli (the run loop: SECTION_FUNCS, ALARM_GRACE_S), common (TITLES, SIZES, CAPS) and
-    h (section h: COLUMNS, TOLERANCE, world_of_one, measure, estimate_seconds)."""
+    the tests reach into: cli (the run loop: SECTION_FUNCS, ALARM_GRACE_S), common (TITLES, SIZES, CAPS),
+    h (section h: COLUMNS, TOLERANCE, world_of_one, measure, estimate_seconds) and i (section i: plan_scenarios,
+    the tolerances)."""
     spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from tools.gpu_checks import cli, common, h_planner
+    from tools.gpu_checks import cli, common, h_planner, i_multi_gpu
 
     assert mod.main is cli.main  # the script is the package's command line, nothing of its own
-    return SimpleNamespace(main=mod.main, cli=cli, common=common, h=h_planner)
+    return SimpleNamespace(main=mod.main, cli=cli, common=common, h=h_planner, i=i_multi_gpu)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_cpu_mode_passes_every_section(cpu_run):
     assert CPU_LABEL in proc.stdout
     # the one-line summary closes the output and is the report's
     assert proc.stdout.strip().splitlines()[-1] == report["summary"]
-    assert report["summary"].startswith("gpu_check PASS: 8/8 sections ok")
+    assert report["summary"].startswith("gpu_check PASS: 9/9 sections ok")
     print(f"gpu_check --cpu took {seconds:.0f} s (report: {report['duration_s']} s)")
 
 
@@ -149,6 +152,116 @@ def test_cpu_mode_section_h_rows_ratios_and_table(cpu_run):
     for r in rows:
         assert f"| {r['plan']} | {r['seq']} | local | unfused | {r['layout']} | " in md
     assert "= 1.000" in md and "(CPU mode: not measured)" in md
+
+
+def test_cpu_mode_section_i_two_ranks_match_one_rank(cpu_run):
+    """Section i on 2 gloo ranks: TP=2 + SP, CP=2 and packed documents at CP=2 ran, each loss and gradient
+    within the fp32 tolerances of the one-rank model on the same batch and weights; the negative control
+    (K/V groups' bases swapped) is seen; TE's comm types and FP8 attention are skipped with their reason."""
+    _, out, _ = cpu_run
+    tool = load_tool()
+    i = json.loads((out / "gpu_check.json").read_text())["sections"]["i"]
+    assert i["status"] == "ok" and i["numbers"]["platform"]["backend"] == "gloo"
+    scen = i["numbers"]["scenarios"]
+    assert {"tp2_sp", "cp2", "packed_cp2", "control_cp2_swapped_bases"} <= set(scen)
+    tol = tool.i.TOL_CPU
+    for name in ("tp2_sp", "cp2", "packed_cp2"):
+        r = scen[name]
+        assert r["status"] == "ran", (name, r)
+        assert r["loss_abs_diff"] <= tol["loss"] and r["token_loss_max_diff"] <= tol["token_loss"], (name, r)
+        assert r["grad_max_abs_diff"] <= tol["grad_abs"] and r["grads_finite"], (name, r)
+        assert r["params_checked"] == [r["params_reference"]] * 2 and r["params_reference"] > 10
+        checks = [c for c in i["checks"] if c["name"].startswith(name + " (")]
+        assert len(checks) == 3 and all(c["result"] == "pass" for c in checks), checks
+    assert scen["tp2_sp"]["layout"]["tp"] == 2 and scen["tp2_sp"]["layout"]["sp"] is True
+    assert scen["cp2"]["layout"]["cp"] == 2 and scen["cp2"]["layout"]["spec"] == "local"
+    packed = scen["packed_cp2"]["layout"]
+    assert packed["format"] == "thd" and packed["cp"] == 2 and packed["documents"] >= 5
+    assert sum(packed["padding_rows"]) > 0  # documents padded to multiples of 2*cp: padding rows exercised
+    ctl = scen["control_cp2_swapped_bases"]
+    assert ctl["status"] == "ran" and ctl["grad_max_abs_diff"] > 100 * tol["grad_abs"]
+    assert any(c["name"].startswith("control_cp2_swapped_bases") and "sees the swapped bases" in c["name"]
+               and c["result"] == "pass" for c in i["checks"])
+    skipped = i["numbers"]["skipped_scenarios"]
+    for comm in tool.i.COMM_TYPES:
+        assert "TE absent (local spec), comm type unused" in skipped[f"cp2_{comm}"]
+    assert "FP8 attention needs Transformer Engine" in skipped["fp8_cp2"]
+    assert all(s["reason"].startswith("CPU mode") for s in i["skipped"])
+    [table] = i["tables"]
+    assert [r[0] for r in table["rows"]] == list(scen) + list(skipped)
+    assert [r[2] for r in table["rows"][:4]] == ["pass", "pass", "pass", "detected"]
+    md = (out / "gpu_check.md").read_text()
+    assert "| cp2_a2a | - | skipped: CPU mode: a2a: TE absent (local spec), comm type unused" in md
+
+
+def test_section_i_plans_scenarios_from_the_combination_rules(tool):
+    """Which scenarios run follows config/combinations.py for the TE version and GPU: THD per comm type by TE
+    version, a2a+p2p never packed, FP8 attention only on >= sm89 and never with all_gather; without TE one CP=2
+    run and each comm type skipped as unused."""
+    from megatron_harpe.config.combinations import Platform
+
+    z = dict(tool.common.SIZES["gpu"]["i"], head_dim=128)
+    names = lambda plat, cuda=True: [s["name"] for s in tool.i.plan_scenarios(plat, cuda, z)[0]]  # noqa: E731
+    base = ["tp2_sp", "cp2_p2p", "packed_cp2_p2p", "cp2_all_gather"]
+    fp8 = ["fp8_cp2_p2p", "fp8_cp2_a2a", "fp8_cp2_a2a+p2p"]
+    assert names(Platform("2.9", (9, 0), True)) == base + ["cp2_a2a", "cp2_a2a+p2p", "control_cp2_swapped_bases"] + fp8
+    assert names(Platform("2.11", (9, 0), True)) == base + ["cp2_a2a", "packed_cp2_a2a", "cp2_a2a+p2p",
+                                                            "control_cp2_swapped_bases"] + fp8
+    assert names(Platform("2.18", (9, 0), True)) == base + ["packed_cp2_all_gather", "cp2_a2a", "packed_cp2_a2a",
+                                                            "cp2_a2a+p2p", "control_cp2_swapped_bases"] + fp8
+    assert names(Platform("2.11", (8, 0), True))[-1] == "control_cp2_swapped_bases"  # no FP8 below sm89
+    run, skipped = tool.i.plan_scenarios(Platform("2.9", (9, 0), True), True, z)
+    reasons = dict(skipped)
+    assert "no packed (THD) path" in reasons["packed_cp2_a2a"] and "hierarchical CP" in reasons["packed_cp2_a2a+p2p"]
+    assert "no FP8 path for all_gather" in reasons["fp8_cp2_all_gather"]
+    [hier] = [s for s in run if s["name"] == "cp2_a2a+p2p"]
+    assert hier["hierarchical"] == [1, 2] and hier["cp"] == 2
+    assert [s["fp8"] for s in run if s["name"].startswith("fp8_")] == [True] * 3
+    assert names(Platform(None, (9, 0), False)) == ["tp2_sp", "cp2", "packed_cp2", "control_cp2_swapped_bases"]
+    # a head count a2a cannot split over CP=2 is refused (TE's rule), in both formats
+    odd = dict(z, heads=3, groups=1, hidden=384)
+    reasons = dict(tool.i.plan_scenarios(Platform("2.18", (9, 0), True), True, odd)[1])
+    assert "divisible by CP 2" in reasons["cp2_a2a"] and "divisible by CP 2" in reasons["packed_cp2_a2a"]
+
+
+def test_section_i_skips_with_fewer_than_two_gpus_and_sizes_the_budget(tool, monkeypatch, tmp_path):
+    import torch
+
+    env = SimpleNamespace(cuda=True, cpu=False, mode="gpu", sizes=tool.common.SIZES["gpu"], work=tmp_path)
+    for n, budget in ((0, 520.0), (1, 520.0), (2, 520.0 + tool.common.CAPS["gpu"]["i"])):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda n=n: n)
+        assert tool.cli.default_budget(env, list(SECTIONS)) == budget
+        assert tool.cli.default_budget(env, list("abcdefgh")) == 520.0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    sec = tool.common.Section("i", 10)
+    tool.i.run(sec, env)
+    assert sec.record["checks"] == [] and sec.record["numbers"]["gpus"] == 1
+    assert [s["part"] for s in sec.record["skipped"]] == ["the whole section"]
+    assert sec.record["skipped"][0]["reason"].startswith("needs 2+ GPUs")
+
+
+def test_section_i_failing_scenario_is_recorded_and_the_rest_run_in_a_new_launch(tool, monkeypatch, tmp_path):
+    """A scenario that raises ends its launch (the other rank may be inside a collective); it is a failed
+    check with the worker's traceback, and the scenarios after it run in a new launch."""
+    real = tool.i.plan_scenarios
+
+    def plan(platform, cuda, model, cpu_prefix=""):
+        run, skipped = real(platform, cuda, model, cpu_prefix)
+        bad = dict(run[0], name="tp3", label="TP=3 in a world of 2", tp=3, sp=False)
+        return [bad, run[0]], skipped
+
+    monkeypatch.setattr(tool.i, "plan_scenarios", plan)
+    code = tool.main(["--cpu", "--out", str(tmp_path), "--sections", "i"])
+    i = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["i"]
+    assert code == 1 and i["status"] == "fail"
+    assert i["numbers"]["scenarios"]["tp3"]["status"] == "error"
+    failed = [c for c in i["checks"] if c["result"] == "fail"]
+    assert [c["name"] for c in failed] == ["tp3 (TP=3 in a world of 2): runs"]
+    assert "Traceback" in i["error"] and "scenario tp3" in i["error"]
+    assert i["numbers"]["scenarios"]["tp2_sp"]["status"] == "ran"
+    assert all(c["result"] == "pass" for c in i["checks"] if c["name"].startswith("tp2_sp"))
+    assert any("launch 1 exited 1" in n for n in i["notes"])
+    assert (tmp_path / "work" / "i_multi_gpu" / "launch2.log").exists()
 
 
 def test_markdown_report_names_every_section(cpu_run):

@@ -22,6 +22,10 @@ each has a time cap, and the part of a section left when its cap is reached is s
      plain / distributed optimizer / full / selective recompute, fused and unfused HARPE RoPE
      (planning/measure.py in a world of one): weights, gradients, optimizer state, saved activations and
      torch.cuda.max_memory_allocated over the second step, each measured / planned
+  i  two-rank layouts vs one rank (2+ GPUs, NCCL; in CPU mode 2 gloo ranks; one GPU: skipped): TP=2 + SP,
+     CP=2 with each cp_comm_type Transformer Engine allows here (config/combinations.py), packed documents
+     at CP=2, FP8 attention at CP=2 (sm89+); loss and every gradient against the TP=PP=CP=1 model on the
+     same batch and weights, and a negative control that must be seen (i_worker.py under torchrun)
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md (rewritten after every section, so a run killed
 half way still leaves a report), prints progress as it goes and ends with a one-line summary.
@@ -43,7 +47,8 @@ kernel, gloo; labelled "CPU mode: correctness only, no performance numbers".
 #                   timing / memory helpers the sections share
 #   reference.py    float64 rotation references and the rotation tolerances (sections b and c)
 #   a_environment.py, b_rotary.py, c_context_parallel.py, d_attention.py, e_layer.py, f_train.py,
-#   g_bench.py, h_planner.py
+#   g_bench.py, h_planner.py, i_multi_gpu.py
 #                   one section each: run(sec, env)
+#   i_worker.py     section i's worker script (torchrun, 2 ranks): the layouts and the one-rank reference
 #   report.py       the report: gpu_check.json, gpu_check.md, the closing summary
 #   cli.py          the arguments; every section in turn under its time cap and the run's budget; exit code

@@ -12,11 +12,11 @@ import warnings
 from typing import Any, Dict
 
 from . import (a_environment, b_rotary, c_context_parallel, d_attention, e_layer, f_train, g_bench, h_planner,
-               report as reporting)
+               i_multi_gpu, report as reporting)
 from .common import BUDGET, CAPS, CPU_LABEL, SECTION_ORDER, TITLES, Env, Section, SectionTimeout, free_memory, log, now
 
 SECTION_FUNCS = {"a": a_environment.run, "b": b_rotary.run, "c": c_context_parallel.run, "d": d_attention.run,
-                 "e": e_layer.run, "f": f_train.run, "g": g_bench.run, "h": h_planner.run}
+                 "e": e_layer.run, "f": f_train.run, "g": g_bench.run, "h": h_planner.run, "i": i_multi_gpu.run}
 ALARM_GRACE_S = 5.0  # past its cap a section is interrupted by SIGALRM (it also checks its deadline itself)
 
 
@@ -27,10 +27,12 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="run directories and logs of section f (default <out>/work); "
                     "on the lent device put it outside $OUT, which returns at most 8 files")
     ap.add_argument("--cpu", action="store_true", help="CPU mode even where CUDA exists (tiny sizes, correctness only)")
-    ap.add_argument("--sections", default=",".join(SECTION_ORDER), help="comma-separated subset of a,b,c,d,e,f,g,h")
+    ap.add_argument("--sections", default=",".join(SECTION_ORDER), help="comma-separated subset of "
+                    + ",".join(SECTION_ORDER))
     ap.add_argument("--quick", action="store_true", help="smaller GPU sizes (a smoke run)")
     ap.add_argument("--budget", type=float, default=None, help="whole-run time budget in seconds (default: gpu 520, "
-                    "quick 390, cpu 300); later sections are skipped when it runs out")
+                    "quick 390, cpu 300; with 2+ GPUs plus section i's cap); later sections are skipped when it "
+                    "runs out")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep section f's checkpoints (default: deleted)")
     args = ap.parse_args(argv)
     keys = [s.strip().lower() for s in args.sections.split(",") if s.strip()]
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)  # exits 2 on bad arguments
     t0 = now()
     env, interpret_note = _setup(args)
-    budget = args.budget if args.budget is not None else BUDGET[env.mode]
+    budget = args.budget if args.budget is not None else default_budget(env, args.sections)
     deadline = t0 + budget
     caps = CAPS[env.mode]
     report = reporting.new_report(env, budget, caps, argv)
@@ -73,6 +75,18 @@ def main(argv=None) -> int:
         + (f" (commit it as {report['suggested_report_path']})" if env.cuda else ""))
     log(report["summary"])
     return exit_code
+
+
+def default_budget(env: Env, sections) -> float:
+    """BUDGET for the mode; with 2+ GPUs and section i asked for, plus i's cap (on one GPU i skips at once, so
+    the lent one-GPU device keeps the 520 s that fits its 600 s command limit)."""
+    budget = BUDGET[env.mode]
+    if env.cuda and "i" in sections:
+        import torch
+
+        if torch.cuda.device_count() >= 2:
+            budget += CAPS[env.mode]["i"]
+    return budget
 
 
 def _setup(args):

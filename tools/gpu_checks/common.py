@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[2]
 
 CPU_LABEL = "CPU mode: correctness only, no performance numbers"
-SECTION_ORDER = "abcdefgh"
+SECTION_ORDER = "abcdefghi"
 TITLES = {
     "a": "environment",
     "b": "HARPE rotary on the device (table + megatron-core apply, fused kernel) vs float64",
@@ -22,6 +22,7 @@ TITLES = {
     "f": "harpe-train on one device: distributed optimizer + overlaps, SIGTERM, exact resume, tokens/s, MFU",
     "g": "fused-RoPE benchmark (tools/bench_rope.py)",
     "h": "planner vs one GPU step: harpe-plan's memory model against a built model's bytes and peak",
+    "i": "two-rank layouts vs one rank: TP=2 + SP, CP=2 per cp_comm_type, packed documents, FP8 attention",
 }
 PROVES = {
     "a": "what the machine is, and whether the fast attention backend exists for the shapes the model uses",
@@ -37,6 +38,9 @@ PROVES = {
     "g": "the fused kernel's bandwidth against a copy and against one-base RoPE, and its memory",
     "h": "harpe-plan's memory per GPU (model state exact, activations and the step's peak modelled) is what a "
          "built model holds on the device: measured / planned for each part, per layout and RoPE kernel",
+    "i": "the parallel layouts a multi-GPU run uses (TP with sequence parallelism; CP with each communication "
+         "type Transformer Engine allows here; packed documents under CP; FP8 attention) compute the one-rank "
+         "model's loss and gradients on the same batch and weights, on the device's own collectives",
 }
 
 # Sizes per mode. gpu: the real check (~5-7.5 min on an H200); quick: a smoke run; cpu: tiny, correctness only.
@@ -50,6 +54,8 @@ SIZES = {
                   iterations=30, signal_at=15, lr=3e-4),
         "g": dict(seqs=(32768, 131072), repeat=10, shapes="gpu"),
         "h": dict(model="llama2-7b-width", layers=4, seqs=(16384, 32768)),
+        "i": dict(layers=2, hidden=512, heads=4, groups=2, ffn=1408, vocab=512, seq=512, batch=2,
+                  eods=[[69, 200], [129, 130, 401, 511]]),
     },
     "quick": {
         "b": dict(seq=2048, hq=32, hk=8, d=128),
@@ -60,6 +66,8 @@ SIZES = {
                   iterations=10, signal_at=5, lr=3e-4),
         "g": dict(seqs=(4096, 16384), repeat=5, shapes="gpu"),
         "h": dict(model="llama2-7b-width", layers=2, seqs=(4096, 8192)),
+        "i": dict(layers=2, hidden=512, heads=4, groups=2, ffn=1408, vocab=512, seq=512, batch=2,
+                  eods=[[69, 200], [129, 130, 401, 511]]),
     },
     "cpu": {
         "b": dict(seq=256, hq=4, hk=2, d=32),
@@ -70,15 +78,18 @@ SIZES = {
                   iterations=6, signal_at=3, lr=3e-3),
         "g": dict(seqs=(64,), repeat=1, shapes="cpu"),
         "h": dict(model="tiny", layers=2, seqs=(64, 128)),
+        "i": dict(layers=2, hidden=64, heads=4, groups=2, ffn=128, vocab=128, seq=32, batch=2,
+                  eods=[[4, 17], [9, 10, 30, 31]]),
     },
 }
-# Time caps per section (seconds) and the whole run's budget. GPU caps add up to 510 s inside the 520 s
+# Time caps per section (seconds) and the whole run's budget. GPU caps a-h add up to 510 s inside the 520 s
 # budget (under the lent device's 600 s command limit); the estimates of what each section needs on an
-# H200 are in docs/gpu_check.md.
+# H200 are in docs/gpu_check.md. Section i runs only with 2+ GPUs (on one GPU it skips at once): there the
+# default budget grows by its cap (cli.default_budget), on the lent one-GPU device it stays 520 s.
 CAPS = {
-    "gpu": dict(a=15, b=45, c=25, d=60, e=85, f=130, g=60, h=90),
-    "quick": dict(a=15, b=40, c=25, d=40, e=60, f=100, g=40, h=60),
-    "cpu": dict(a=20, b=40, c=30, d=30, e=60, f=120, g=60, h=40),
+    "gpu": dict(a=15, b=45, c=25, d=60, e=85, f=130, g=60, h=90, i=120),
+    "quick": dict(a=15, b=40, c=25, d=40, e=60, f=100, g=40, h=60, i=120),
+    "cpu": dict(a=20, b=40, c=30, d=30, e=60, f=120, g=60, h=40, i=60),
 }
 BUDGET = {"gpu": 520.0, "quick": 390.0, "cpu": 300.0}
 
