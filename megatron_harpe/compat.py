@@ -169,16 +169,14 @@ def optimizer_checkpoint_metadata(optimizer, requested: str = "auto") -> Dict[st
     (reshardable-optimizer-step), and fully_reshardable gathers the whole DP group's optimizer state into every
     rank's host memory at each save (distrib_optimizer.py ~1030/~1443 in 0.16.1) - affordable at CPU sizes, ~10
     GB per rank at TP=8 for a 7B model. TE's or apex's FusedAdam keep 'step' per group and take dp_reshardable."""
-    if requested == "dp_reshardable" and _torch_adam_optimizers(optimizer):
-        from megatron_harpe.cli import InputError
-
-        raise InputError("checkpoint.optimizer_format=dp_reshardable does not resume torch's AdamW exactly on "
-                         f"megatron-core {installed_version()} (measured on CPU: the loss trace leaves the "
-                         "uninterrupted one from the second step after resume); it is the format for TE's or apex's "
-                         "FusedAdam, which this machine does not have. Use checkpoint.optimizer_format=auto")
     if requested != "auto":
         return {"distrib_optim_sharding_type": requested}
-    return OPTIMIZER_CHECKPOINT_METADATA if _torch_adam_optimizers(optimizer) else FUSED_ADAM_CHECKPOINT_METADATA
+    return OPTIMIZER_CHECKPOINT_METADATA if uses_torch_adam(optimizer) else FUSED_ADAM_CHECKPOINT_METADATA
+
+
+def uses_torch_adam(optimizer) -> bool:
+    """Whether megatron-core's (chained) optimizer steps with torch's Adam/AdamW (per-parameter 'step')."""
+    return bool(_torch_adam_optimizers(optimizer))
 
 
 def _torch_adam_optimizers(optimizer) -> List[torch.optim.Optimizer]:

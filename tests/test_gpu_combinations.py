@@ -235,9 +235,11 @@ def test_optimizer_checkpoint_format_follows_the_optimizer_class():
     assert compat.optimizer_checkpoint_metadata(fused)[fmt] == "dp_reshardable"
     assert compat.optimizer_checkpoint_metadata(fused, "fully_reshardable")[fmt] == "fully_reshardable"
     from megatron_harpe.cli import InputError
+    from megatron_harpe.training.checkpointing import optimizer_format_metadata
 
+    assert optimizer_format_metadata(fused, "auto")[fmt] == "dp_reshardable"
     with pytest.raises(InputError, match="does not resume torch's AdamW exactly"):
-        compat.optimizer_checkpoint_metadata(torch_adamw, "dp_reshardable")
+        optimizer_format_metadata(torch_adamw, "dp_reshardable")
 
 
 def test_dp_reshardable_state_is_refused_at_another_tensor_parallel_size(tmp_path):

@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_harpe import compat
+from megatron_harpe.cli import InputError
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.files import atomic_write_text
 from megatron_harpe.models.checkpoint import (CheckpointError, load_model, load_model_state, model_sharded_state,
@@ -87,7 +88,7 @@ def save_checkpoint(directory: str | Path, iteration: int, *, chunks: List[torch
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     state = model_sharded_state(chunks)
-    metadata = compat.optimizer_checkpoint_metadata(optimizer, optimizer_format)
+    metadata = optimizer_format_metadata(optimizer, optimizer_format)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["rng"] = _rng_sharded_object(_rng_state())
@@ -138,6 +139,17 @@ def load_checkpoint(path: str | Path, *, chunks: List[torch.nn.Module], optimize
         _set_rng_state(loaded["rng"])
     common["rng_restored"] = same_layout
     return common
+
+
+def optimizer_format_metadata(optimizer, requested: str) -> Dict[str, str]:
+    """checkpoint.optimizer_format for this optimizer (compat.optimizer_checkpoint_metadata), refusing the one
+    combination that does not resume exactly: dp_reshardable with torch's AdamW."""
+    if requested == "dp_reshardable" and compat.uses_torch_adam(optimizer):
+        raise InputError("checkpoint.optimizer_format=dp_reshardable does not resume torch's AdamW exactly on "
+                         f"megatron-core {compat.installed_version()} (measured on CPU: the loss trace leaves the "
+                         "uninterrupted one from the second step after resume); it is the format for TE's or apex's "
+                         "FusedAdam, which this machine does not have. Use checkpoint.optimizer_format=auto")
+    return compat.optimizer_checkpoint_metadata(optimizer, requested)
 
 
 def _saved_optimizer_metadata(path: Path, common: Dict[str, Any]) -> Dict[str, str]:

@@ -188,7 +188,7 @@ class Trainer:
                                     use_distributed_optimizer=p.distributed_optimizer),
             self.chunks)
         if p.distributed_optimizer:  # an optimizer format this optimizer cannot resume from: refused now, not at a save
-            compat.optimizer_checkpoint_metadata(self.optimizer, self.cfg.checkpoint.optimizer_format)
+            ckpt.optimizer_format_metadata(self.optimizer, self.cfg.checkpoint.optimizer_format)
         plan = self.schedule_plan()
         # replan: the config's schedule wins over the checkpoint's (megatron-core's override flag)
         self.scheduler = OptimizerParamScheduler(
