@@ -21,6 +21,8 @@ NOT_ON_CURRENT := test_bases.py test_data_bad_input.py test_data_corpus.py test_
 	test_launch.py test_metrics.py test_model_config.py test_slurm.py test_slurm_tools.py \
 	test_sweep_grid_file.py test_sweep_local.py test_sweep_report.py test_wandb.py
 IGNORE_ON_CURRENT := $(addprefix --ignore=tests/,$(NOT_ON_CURRENT))
+# more pytest flags for either leg, e.g. PYTEST_ARGS="--durations=20" or PYTEST_ARGS="-k compat"
+PYTEST_ARGS ?=
 
 .PHONY: setup setup-current test test-stable test-current demo clean
 
@@ -47,11 +49,11 @@ test: test-stable test-current
 # two workers, a test file each (module fixtures are built once): ~9.5 min instead of ~17 on 2 cores
 test-stable: setup
 	rm -rf $(TRACES) && mkdir -p $(TRACES)
-	HARPE_TRACE_DIR=$(CURDIR)/$(TRACES) $(PY) -m pytest -q -n 2 --dist loadfile tests
+	HARPE_TRACE_DIR=$(CURDIR)/$(TRACES) $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
 
 test-current: setup-current
 	mkdir -p $(TRACES)
-	HARPE_TRACE_DIR=$(CURDIR)/$(TRACES) $(PY_CURRENT) -m pytest -q -n 2 --dist loadfile $(IGNORE_ON_CURRENT) tests
+	HARPE_TRACE_DIR=$(CURDIR)/$(TRACES) $(PY_CURRENT) -m pytest -q -n 2 --dist loadfile $(IGNORE_ON_CURRENT) $(PYTEST_ARGS) tests
 
 demo: setup
 	$(PY) -m megatron_harpe.demo $(ARGS)
