@@ -35,7 +35,10 @@ def _megatron_core_version() -> str:
 @pytest.fixture(scope="module")
 def trace(tmp_path_factory):
     run = tmp_path_factory.mktemp("stack_trace") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # a world of one that picks its own port: not the rendezvous an earlier in-process test of this worker exported
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "megatron_harpe.train", "--config", "examples/tiny/harpe.yaml",
                            f"run_dir={run}", "training.iterations=8"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
