@@ -35,6 +35,10 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     launch = detect_launch()
     validate_config(cfg, launch.world_size)
+    if cfg.data.tokenizer_model is not None:  # the vocabulary contract, before anything is made (issue 23)
+        from megatron_harpe.data.tokenizer import check_tokenizer_fits_model
+
+        check_tokenizer_fits_model(cfg.data.tokenizer_type, cfg.data.tokenizer_model, cfg.model.vocab_size)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

@@ -166,3 +166,16 @@ def corpus_prefix(tmp_path_factory, spm_model, corpus_jsonl):
 
 
 from tests.data_fixtures import corpus_jsonl, data_dir, spm_model  # noqa: E402,F401  (fixtures)
+
+
+from tests.data_fixtures import data_dir, spm_model  # noqa: E402,F401  (a real sentencepiece model of 1,000 pieces)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_anything_starts(spm_model, tmp_path, capsys):
+    """The "Llama-3 data, Llama-2 model" mistake (issue 23): before, harpe-train started and died in the embedding
+    with IndexError (a device-side assert on a GPU). Now: exit 2 before anything is made, both numbers and the key."""
+    run = tmp_path / "run"
+    proc = run_main(capsys, "megatron_harpe.train", "--config", TINY, f"run_dir={run}",
+                    f"data.tokenizer_model={spm_model}")  # the tiny model's vocabulary is 256
+    assert_bad_input(proc, spm_model, "1,000 tokens", "model.vocab_size) is 256", "model.vocab_size >= 1,000")
+    assert not run.exists()

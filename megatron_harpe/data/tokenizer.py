@@ -483,3 +483,17 @@ def load_tokenizer(kind: str, path: str, eod_token: str | None = None, settings:
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path, eod_token=eod_token, settings=settings)
     return HuggingFaceTokenizer(path, eod_token=eod_token, settings=settings)
+
+
+def check_tokenizer_fits_model(tokenizer_type: str, tokenizer_model: str, model_vocab_size: int) -> None:
+    """A tokenizer with more ids than the model's embedding has rows: refused before anything starts.
+
+    The common mistake it catches is data tokenized for another model (Llama-3's 128k vocabulary into a Llama-2
+    model of 32k): without this the run preprocesses, starts, and dies in the embedding with "index out of range"
+    (a device-side assert on a GPU, naming nothing)."""
+    tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    if tokenizer.vocab_size > model_vocab_size:
+        raise TokenizerError(f"data.tokenizer_model {tokenizer_model} has {tokenizer.vocab_size:,} tokens but the model's "
+                             f"vocabulary (model.vocab_size) is {model_vocab_size:,}: its ids would index past the "
+                             f"embedding. Set model.vocab_size >= {tokenizer.vocab_size:,} (a multiple of 128 x "
+                             f"parallel.tensor is customary), or use the tokenizer the model and its data were made with")
