@@ -161,6 +161,15 @@ def fp8_refusals(*, fp8: bool, dot_product_attention: bool, recipe: str, packed:
     return out
 
 
+def fp8_linear_dims(*, hidden: int, ffn: int, heads: int, groups: int, head_dim: int,
+                    tp: int) -> List[Tuple[str, int, int]]:
+    """(name, output features, input features) per TP rank of a Llama layer's linears, as TE's FP8 GEMMs see them."""
+    return [("attention QKV", (heads + 2 * groups) * head_dim // tp, hidden),
+            ("attention output", hidden, heads * head_dim // tp),
+            ("MLP fc1", 2 * ffn // tp, hidden),
+            ("MLP fc2", hidden, ffn // tp)]
+
+
 # ---------------------------------------------------------------------------------------------- a whole config
 def config_refusals(cfg, platform: Platform = Platform()) -> List[Refusal]:
     """Every rule for a run's Config (config/schema.py) on `platform`."""
@@ -177,11 +186,8 @@ def config_refusals(cfg, platform: Platform = Platform()) -> List[Refusal]:
     lengths = [(f"stage {s.index} seq_length {s.seq_length}", s.seq_length) for s in build_schedule(cfg)]
     lengths += [(f"training.probe.lengths {n}", n) for n in cfg.training.probe.lengths]
     tokens = [(what, length * d.micro_batch_size // split) for what, length in lengths]
-    q_out = (m.num_attention_heads + 2 * groups) * head_dim // tp
-    linear_dims = [("attention QKV", q_out, m.hidden_size), ("attention output", m.hidden_size,
-                                                             m.num_attention_heads * head_dim // tp),
-                   ("MLP fc1", 2 * m.ffn_hidden_size // tp, m.hidden_size),
-                   ("MLP fc2", m.hidden_size, m.ffn_hidden_size // tp)]
+    linear_dims = fp8_linear_dims(hidden=m.hidden_size, ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
+                                  groups=groups, head_dim=head_dim, tp=tp)
     out += fp8_refusals(fp8=f.format is not None, dot_product_attention=f.dot_product_attention, recipe=f.recipe,
                         packed=d.document_mask, head_dim=head_dim, cp=cp, cp_comm_type=p.cp_comm_type,
                         tokens_per_rank=tokens, linear_dims=linear_dims, platform=platform)

@@ -238,7 +238,7 @@ PLANNED_GPU_CAPABILITY = (9, 0)
 def _raise_combinations(plan: Plan) -> None:
     """config/combinations.py's rules for the planned machine: the TE spec (or not) on an sm90 GPU, TE version
     unknown (so only rules that hold for every TE version read apply)."""
-    from megatron_harpe.config.combinations import Platform, context_parallel_refusals, fp8_refusals
+    from megatron_harpe.config.combinations import Platform, context_parallel_refusals, fp8_linear_dims, fp8_refusals
 
     m, p, w = plan.model, plan.layout, plan.workload
     platform = Platform(capability=PLANNED_GPU_CAPABILITY if w.device == "gpu" else None, te=w.backend == "te")
@@ -252,10 +252,8 @@ def _raise_combinations(plan: Plan) -> None:
         fp8=w.fp8 is not None, dot_product_attention=w.fp8_dot_product_attention, recipe="delayed", packed=False,
         head_dim=d, cp=p.cp, cp_comm_type=p.cp_comm,
         tokens_per_rank=[(f"seq_length {w.seq_length}", w.seq_length * w.micro_batch // split)],
-        linear_dims=[("attention QKV", (m.num_attention_heads + 2 * m.num_query_groups) * d // p.tp, m.hidden_size),
-                     ("attention output", m.hidden_size, m.num_attention_heads * d // p.tp),
-                     ("MLP fc1", 2 * m.ffn_hidden_size // p.tp, m.hidden_size),
-                     ("MLP fc2", m.hidden_size, m.ffn_hidden_size // p.tp)],
+        linear_dims=fp8_linear_dims(hidden=m.hidden_size, ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
+                                    groups=m.num_query_groups, head_dim=d, tp=p.tp),
         platform=platform)
     if refusals:
         raise LayoutError("; ".join(r.message() for r in refusals))
