@@ -242,6 +242,15 @@ def test_optimizer_checkpoint_format_follows_the_optimizer_class():
         optimizer_format_metadata(torch_adamw, "dp_reshardable")
 
 
+def test_an_optimizer_format_without_the_distributed_optimizer_is_refused_at_config_time(monkeypatch):
+    """A format names how the distributed optimizer saves its state: without it the key would do nothing (or, for
+    dp_reshardable with torch's AdamW, stop the run at its first save), so the config is refused before anything."""
+    monkeypatch.chdir(_REPO)
+    with pytest.raises(ConfigError, match="set parallel.distributed_optimizer=true"):
+        _validate("checkpoint.optimizer_format=dp_reshardable", world=2)
+    _validate("checkpoint.optimizer_format=fully_reshardable", "parallel.distributed_optimizer=true", world=2)
+
+
 def test_dp_reshardable_state_is_refused_at_another_tensor_parallel_size(tmp_path):
     """dp_reshardable optimizer state is each rank's flat buffer of its TP/PP/CP shard: megatron-core resumes it at
     another DP size only. Resuming it at another TP is refused by name, with the way out, before megatron-core fails

@@ -66,6 +66,9 @@ def validate_config(cfg: Config, world_size: int) -> None:
     if cfg.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
         raise ConfigError(f"checkpoint.optimizer_format must be one of {OPTIMIZER_FORMATS}, got "
                           f"{cfg.checkpoint.optimizer_format!r}")
+    if cfg.checkpoint.optimizer_format != "auto" and not p.distributed_optimizer:
+        raise ConfigError(f"checkpoint.optimizer_format={cfg.checkpoint.optimizer_format} chooses how the distributed "
+                          f"optimizer's state is saved; set parallel.distributed_optimizer=true, or leave it at auto")
     try:
         for stage in build_schedule(cfg):
             check_layout(stage.model_cfg, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
