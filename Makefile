@@ -15,9 +15,10 @@ TRACES := build/stack-traces
 
 # The current stack runs the tests that touch megatron-core's API, and leaves out those that do not
 # (pure-Python tools, data formats, base sets, sweeps and reports, launchers, the real Slurm cluster, the
-# demo): they run on the stable stack and would only repeat there. A new test file runs on both by default.
+# demo, the docs' examples - whose few megatron-core calls, building a tiny GPTModel, the model tests make on
+# both legs): they run on the stable stack and would only repeat there. A new test file runs on both by default.
 NOT_ON_CURRENT := test_bases.py test_data_bad_input.py test_data_corpus.py test_data_formats.py \
-	test_data_preprocess.py test_data_tokenizer.py test_data_upsample.py test_demo.py test_eval_tasks.py \
+	test_data_preprocess.py test_data_tokenizer.py test_data_upsample.py test_demo.py test_docs.py test_eval_tasks.py \
 	test_launch.py test_metrics.py test_model_config.py test_slurm.py test_slurm_tools.py \
 	test_sweep_grid_file.py test_sweep_local.py test_sweep_report.py test_wandb.py
 IGNORE_ON_CURRENT := $(addprefix --ignore=tests/,$(NOT_ON_CURRENT))

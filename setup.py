@@ -59,7 +59,7 @@ setup(
             "harpe-eval=megatron_harpe.evaluation.cli:main",
             "harpe-convert=megatron_harpe.convert.cli:main",
             "harpe-merge-data=megatron_harpe.data.merge:main",
-            "harpe-sweep=megatron_harpe.slurm.sweep:main",
+            "harpe-sweep=megatron_harpe.sweeps.sweep:main",
             "harpe-plan=megatron_harpe.planning.cli:main",
         ]
     },

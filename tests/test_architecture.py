@@ -21,7 +21,7 @@ LAYERS = [
     {"parallel"},
     {"models"},
     {"training"},
-    {"convert", "evaluation", "slurm", "planning"},
+    {"convert", "evaluation", "sweeps", "planning"},
     {"train", "demo"},  # entry points: anything below
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

@@ -208,7 +208,7 @@ def submit_preprocess(j: Jobs, corpus: str, spm: str) -> None:
 
 
 def submit_sweep(j: Jobs) -> None:
-    cmd = [sys.executable, "-m", "megatron_harpe.slurm.sweep", "--name", "tiny",
+    cmd = [sys.executable, "-m", "megatron_harpe.sweeps.sweep", "--name", "tiny",
            "--method", f"harpe={TINY}", "--method", f"pi={REPO_ROOT / 'examples/tiny/pi.yaml'}",
            "--seq-length", "64", "--layout", "tp2:nodes=1,tp=2", "--tasks-per-node", "2",
            "--set", "training.iterations=2", "--set", "logging.tensorboard=false",

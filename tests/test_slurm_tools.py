@@ -15,7 +15,7 @@ from megatron_harpe.data.indexed import IndexedDatasetWriter
 from megatron_harpe.data.merge import main as merge_main
 from megatron_harpe.data.merge import merge_datasets
 from megatron_harpe.data.preprocess import main as preprocess_main
-from megatron_harpe.slurm import runinfo, sweep
+from megatron_harpe.sweeps import runinfo, sweep
 from tests.data_fixtures import corpus_jsonl, data_dir, spm_model  # noqa: F401  (fixtures)
 from tests.launch import REPO_ROOT
 
@@ -183,7 +183,7 @@ def test_runinfo_cli_prints_shell_assignments_and_fails_on_bad_input(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run_dir: 'runs/with space'\n")
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    cmd = [sys.executable, "-m", "megatron_harpe.slurm.runinfo", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "megatron_harpe.sweeps.runinfo", "--config", str(cfg)]
     proc = subprocess.run(["bash", "-c", 'eval "$("$@")"; echo "$RUN_DIR|$LATEST"', "x", *cmd],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.stdout.strip() == f"{tmp_path}/runs/with space|", proc.stderr

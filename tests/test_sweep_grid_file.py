@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_harpe.slurm import sweep
+from megatron_harpe.sweeps import sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = REPO_ROOT / "examples" / "tiny"

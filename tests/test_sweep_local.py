@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_harpe.slurm import local, manifest, runs, sweep
+from megatron_harpe.sweeps import local, manifest, runs, sweep
 from tests.data_fixtures import *  # noqa: F401,F403  (spm_model: the probes' tokenizer)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def build_tiny_sweep(base: str, tokenizer: str) -> dict:
     base = Path(base)
     base.mkdir(parents=True, exist_ok=True)
     sets = [a for s in SETTINGS + [f"data.tokenizer_model={tokenizer}"] for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "megatron_harpe.slurm.sweep", "--local", "--name", "tiny",
+    cmd = [sys.executable, "-m", "megatron_harpe.sweeps.sweep", "--local", "--name", "tiny",
            "--out-dir", str(base / "sweeps"), "--runs-root", str(base / "runs"),
            "--method", f"harpe={TINY / 'harpe.yaml'}", "--method", f"abf_single={TINY / 'abf_single.yaml'}", *sets]
     sweep_dir, runs_dir = base / "sweeps" / "tiny", base / "runs" / "tiny"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_harpe.slurm import report, runs, sweep
+from megatron_harpe.sweeps import report, runs, sweep
 from megatron_harpe.training.metrics.jsonl import MetricsJsonl
 from tests.data_fixtures import *  # noqa: F401,F403  (spm_model)
 from tests.test_sweep_local import TINY, build_tiny_sweep

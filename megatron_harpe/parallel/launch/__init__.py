@@ -29,7 +29,8 @@ Precedence (first match wins; applied in detect.py):
 4. single: none of the above - a world of one process.
 
 Modules: env (LaunchInfo, LaunchError, env readers), torchrun, slurm, mpi, single (one reader each),
-detect (the precedence), process_group (init_distributed).
+detect (the precedence), process_group (init_distributed); mpicheck (``python -m``, run by
+slurm/train.sbatch before an MPI launch: does MPI's COMM_WORLD match the tasks srun started?).
 """
 from __future__ import annotations
 

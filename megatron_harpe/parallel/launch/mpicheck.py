@@ -1,4 +1,4 @@
-"""`srun --mpi=pmi2 python -m megatron_harpe.slurm.mpicheck`: does MPI see the world srun started?
+"""`srun --mpi=pmi2 python -m megatron_harpe.parallel.launch.mpicheck`: does MPI see the world srun started?
 
 A wrong ``--mpi`` plugin (or an mpi4py linked to another MPI than the launcher's) starts N independent
 MPI worlds of size 1 that each look healthy. slurm/train.sbatch runs this check before training when

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import yaml
 
-from megatron_harpe.slurm.errors import SweepError
+from megatron_harpe.sweeps.errors import SweepError
 
 #: key -> (argparse dest, kind); kinds are checked in _value
 KEYS: dict[str, tuple[str, str]] = {

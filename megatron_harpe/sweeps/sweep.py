@@ -54,7 +54,7 @@ from pathlib import Path
 import yaml
 
 from megatron_harpe.cli import run_command
-from megatron_harpe.slurm.errors import SweepError
+from megatron_harpe.sweeps.errors import SweepError
 
 PROG = "harpe-sweep"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _submit(args, points: list[Point], sweep_dir: Path, argv: list[str]) -> int:
     """Slurm: sbatch every point (or print the commands with --dry-run)."""
-    from megatron_harpe.slurm import manifest
+    from megatron_harpe.sweeps import manifest
 
     (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
     previous = None
@@ -421,7 +421,7 @@ def _grid(args, argv: list[str]) -> int:
     if not args.local:
         write_configs(points, sweep_dir, args.runs_root, args.name, not args.no_validate, args.tasks_per_node)
         return _submit(args, points, sweep_dir, argv)
-    from megatron_harpe.slurm import local
+    from megatron_harpe.sweeps import local
 
     with local.sweep_lock(sweep_dir):  # configs are rewritten: not while another --local sweep trains from them
         write_configs(points, sweep_dir, args.runs_root, args.name, not args.no_validate, args.tasks_per_node,
@@ -440,7 +440,7 @@ def _grid(args, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
-        from megatron_harpe.slurm import report
+        from megatron_harpe.sweeps import report
 
         return report.main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -449,8 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resolve_args(args):
-    """The command line on top of the --grid file (megatron_harpe/slurm/grid_file.py), defaults filled in."""
-    from megatron_harpe.slurm import grid_file
+    """The command line on top of the --grid file (megatron_harpe/sweeps/grid_file.py), defaults filled in."""
+    from megatron_harpe.sweeps import grid_file
 
     if args.grid:
         grid_file.merge(args, grid_file.load(args.grid), method_name=lambda text: parse_method(text)[0])

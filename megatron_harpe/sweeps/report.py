@@ -22,7 +22,7 @@ What the report holds (docs/sweeps.md):
 Groups are the points that differ only by seed (the point name without -seedS). Tables count only points
 whose training finished; curves show every point with records. The report directory is built under a
 temporary name and renamed into place (megatron_harpe/files.py), so a half-written report never looks
-complete. harpe-eval's files are read here rather than through megatron_harpe.evaluation: the slurm and
+complete. harpe-eval's files are read here rather than through megatron_harpe.evaluation: the sweeps and
 evaluation packages share a layer and do not import each other (docs/architecture.md).
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterable
 
 from megatron_harpe.cli import run_command
 from megatron_harpe.files import publish, staging_path
-from megatron_harpe.slurm import manifest, runs
-from megatron_harpe.slurm.errors import SweepError
+from megatron_harpe.sweeps import manifest, runs
+from megatron_harpe.sweeps.errors import SweepError
 
 PROG = "harpe-sweep report"
 REPORT_DIR = "report"

@@ -1,6 +1,6 @@
-"""`python -m megatron_harpe.slurm.runinfo --config X.yaml [dotted.key=value ...]`: where a run lives.
+"""`python -m megatron_harpe.sweeps.runinfo --config X.yaml [dotted.key=value ...]`: where a run lives.
 
-Prints shell assignments for slurm/train.sbatch (``eval "$(python -m megatron_harpe.slurm.runinfo ...)"``)::
+Prints shell assignments for slurm/train.sbatch (``eval "$(python -m megatron_harpe.sweeps.runinfo ...)"``)::
 
     RUN_DIR=/abs/runs/llama2_7b_harpe_128k
     CKPT_DIR=/abs/runs/llama2_7b_harpe_128k/checkpoints
@@ -49,7 +49,7 @@ def run_info(config: str | None, overrides: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_harpe.slurm.runinfo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_harpe.sweeps.runinfo", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)

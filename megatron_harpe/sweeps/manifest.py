@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_harpe.files import atomic_write_text
-from megatron_harpe.slurm.errors import SweepError
+from megatron_harpe.sweeps.errors import SweepError
 
 MANIFEST = "sweep.json"
 JOBS_TSV = "jobs.tsv"

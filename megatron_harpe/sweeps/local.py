@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_harpe.slurm import manifest, runs
-from megatron_harpe.slurm.errors import SweepError
+from megatron_harpe.sweeps import manifest, runs
+from megatron_harpe.sweeps.errors import SweepError
 
 PROG = "harpe-sweep"
 EXIT_POINT_FAILED = 1
