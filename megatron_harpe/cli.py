@@ -3,14 +3,15 @@
 | exit | meaning | printed |
 |------|---------|---------|
 | 0    | done | the tool's one-line summary |
-| 1    | internal error (a bug, or the machine failed) | the traceback |
+| 1    | internal error (a bug, or the machine failed) | the traceback; harpe-train when a rank was lost: one line naming it (rank, host, pid), from one survivor |
 | 2    | bad input: config, flags, files, checkpoints (missing, truncated, corrupt, another model) | one paragraph naming the input and the fix; a traceback only with --debug or HARPE_DEBUG=1 |
 | 3    | harpe-train: non-finite loss; the last good checkpoint is kept | the reason |
+| 4    | no space or quota left for an output (ENOSPC, EDQUOT); the partial output is removed, the previous one kept; retrying does not help until space is freed | one paragraph: the path, the bytes needed, the bytes free |
 | 75   | harpe-train: stopped on a signal after checkpointing; requeue it (EX_TEMPFAIL) | the reason |
 | 130  | interrupted (Ctrl-C, SIGTERM in the data tools); no output left behind | one line |
 
 Why one module: a cluster operator scripts around exit codes (train.sbatch requeues on 75 only,
-never on 2 or 3), and an error that arrives as a traceback per rank at 3 a.m. is not read. Every
+never on 2, 3 or 4), and an error that arrives as a traceback per rank at 3 a.m. is not read. Every
 command's `main` runs through `run_command`, which maps exceptions to codes: the error types in
 `INPUT_ERRORS` (each package's own "bad input" type derives from `InputError` or is listed) are
 reported as one paragraph, printed once per job on a node even when every rank hits it.
@@ -32,12 +33,19 @@ EXIT_DONE = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE_LOSS = 3
+EXIT_NO_SPACE = 4
 EXIT_REQUEUE = 75
 EXIT_INTERRUPTED = 130
 
 
 class InputError(ValueError):
     """Bad input (config, flags, files, checkpoints): exit 2; the message names the input and the fix."""
+
+
+class NoSpaceError(OSError):
+    """An output that did not fit its filesystem or quota: exit 4, one paragraph with the path, the bytes
+    needed and free. Its own code because a scheduler must not requeue it: a full disk does not heal by
+    retrying (slurm/train.sbatch)."""
 
 
 #: Upstream warnings the commands silence (regex on the message, category, why it is harmless here).
@@ -130,7 +138,7 @@ def _job_key() -> str | None:
     return None
 
 
-def _first_on_this_node(message: str) -> bool:
+def first_on_this_node(message: str) -> bool:
     """True for the first process of this launch on this node that reports `message`: every rank of a
     torchrun/srun step hits the same config or checkpoint error, and the operator needs to read it once."""
     key = _job_key()
@@ -149,7 +157,7 @@ def _first_on_this_node(message: str) -> bool:
 
 def report_input_error(prog: str, err: BaseException, argv: Iterable[str] = ()) -> int:
     message = f"{prog}: error: {err}"
-    if _first_on_this_node(message):
+    if first_on_this_node(message):
         print(message, file=sys.stderr, flush=True)
         if debug_requested(argv):
             traceback.print_exception(err, file=sys.stderr)
@@ -165,6 +173,9 @@ def run_command(prog: str, main: Callable[[], int], *, input_errors: Tuple[Type[
         return int(main() or 0)
     except (InputError, *input_errors) as err:
         return report_input_error(prog, err, argv)
+    except NoSpaceError as err:
+        report_input_error(prog, err, argv)
+        return EXIT_NO_SPACE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {interrupted}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

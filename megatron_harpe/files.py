@@ -8,6 +8,7 @@ package hand-rolls a temp-name-and-rename.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -77,4 +78,54 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
-__all__ = ["atomic_write_text", "atomic_write_by", "staging_path", "publish", "INCOMPLETE_SUFFIX"]
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on `path`'s filesystem (the nearest existing parent's),
+    or None where the filesystem cannot tell. Quotas (EDQUOT) are not seen here: they show as the error."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def human_bytes(n: int | float) -> str:
+    """1,651,092 -> '1.57 MiB': sizes in messages an operator compares with `df -h`."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} bytes" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
+
+
+def out_of_space(err: BaseException | None) -> bool:
+    """True when `err`, its causes, or the failures it carries (torch.distributed.checkpoint gathers every
+    rank's exceptions into one) say ENOSPC or EDQUOT, by errno or by the OS's text for them."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
+            return True
+        if any(text in str(e) for text in _SPACE_TEXTS):
+            return True
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            for failure in failures.values():  # (exception, traceback) pairs
+                stack += [f for f in (failure if isinstance(failure, tuple) else (failure,))
+                          if isinstance(f, BaseException)]
+    return False
+
+
+__all__ = ["atomic_write_text", "atomic_write_by", "staging_path", "publish", "free_bytes", "human_bytes", "out_of_space",
+           "INCOMPLETE_SUFFIX"]

@@ -237,7 +237,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     result = train(tmp_path, "diverge", 1, "optimizer.lr=1e30", "scheduler.warmup_iterations=0",
                    "optimizer.clip_grad=0", "checkpoint.save_interval=1")
     assert result["exit_code"] == 3, result
-    assert "loss is nan" in result["reason"] or "loss is inf" in result["reason"], result["reason"]
+    # lr 1e30: the gradients of the second step overflow first; checked before the step, never applied
+    assert any(why in result["reason"] for why in ("loss is nan", "loss is inf", "gradients are not finite")), \
+        result["reason"]
     last = max(losses(result))
     latest = (tmp_path / "diverge" / "checkpoints" / "latest").read_text().strip()
     assert latest == f"iter_{last - 1:07d}"  # nothing saved after the bad step

@@ -33,6 +33,9 @@ REMOVED_KEYS = {
                         "bottleneck); remove the key",
     "checkpoint.save_on_signal": "a run always checkpoints before stopping on one of checkpoint.exit_signals; "
                                  "set checkpoint.exit_signals=[] to not stop on signals",
+    "training.stop_on_nonfinite_loss": "a non-finite loss or gradient never updates the weights now; choose what "
+                                       "happens with training.on_nonfinite: stop (the default) or skip (at most "
+                                       "training.max_skipped_iterations updates over the run)",
 }
 
 

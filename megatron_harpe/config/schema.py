@@ -154,7 +154,10 @@ class TrainingConfig:
     # megatron-core's choices, a dense Llama uses core_attn, mlp and layernorm
     recompute_modules: Optional[List[str]] = None
     init_from: Optional[str] = None  # a converted checkpoint: weights only, fresh optimizer
-    stop_on_nonfinite_loss: bool = True
+    # a non-finite loss or gradient (training/nonfinite.py): the update is never applied; `stop` exits 3,
+    # `skip` goes on with the next batch, at most max_skipped_iterations times over the run
+    on_nonfinite: str = "stop"
+    max_skipped_iterations: int = 10
     # validation loss on the held-out split (data.split's second part; a separate stream for mock
     # data) every eval_interval iterations and at the end; 0 = off. Each evaluation reads the same
     # eval_iterations global batches, so the numbers along a run are comparable.

@@ -152,6 +152,7 @@ def _validate_training(cfg: Config) -> None:
     if cfg.logging.interval < 1:
         raise ConfigError("logging.interval must be >= 1")
     _validate_evaluation(cfg)
+    _validate_nonfinite(cfg)
 
 
 def _validate_init_from(path: str) -> None:
@@ -171,6 +172,14 @@ def _validate_init_from(path: str) -> None:
                               f"complete checkpoint (no metadata.json); point init_from at a complete one")
     raise ConfigError(f"training.init_from: {path} is neither a torch_dist checkpoint (metadata.json), a "
                       f"checkpoints directory with a 'latest' file, nor a run directory with checkpoints/latest")
+
+
+def _validate_nonfinite(cfg: Config) -> None:
+    t = cfg.training
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"training.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
+    if t.max_skipped_iterations < 0:
+        raise ConfigError(f"training.max_skipped_iterations must be >= 0, got {t.max_skipped_iterations}")
 
 
 def _validate_evaluation(cfg: Config) -> None:

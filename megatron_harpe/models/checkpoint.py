@@ -6,7 +6,9 @@ The trainer's checkpoints (model + optimizer + RNG + scheduler), the converters'
 - It carries the position-encoding record (config/position_record.py), which the weights cannot
   tell; loading checks it unless the caller deliberately changes the encoding (init_from).
 - It is written under a staging name and renamed into place when every rank has finished, so an
-  interrupted save never looks like a complete checkpoint.
+  interrupted save never looks like a complete checkpoint. A save that fails on any rank fails on
+  every rank with one message and leaves no staging directory; lack of space (checked before
+  writing where the filesystem can tell, and recognised in the failure) is NoSpaceError, exit 4.
 - A checkpoint that cannot be loaded is a CheckpointError (bad input, exit 2) that names the
   directory and says why: incomplete (a shard file missing or cut short: a copy or a save that did
   not finish), another model (a tensor of another shape), or missing entries.
@@ -21,22 +23,26 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from megatron_harpe.cli import InputError
+from megatron_harpe.cli import InputError, NoSpaceError
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.position_record import RECORD_KEY, position_record, verify_position_record
-from megatron_harpe.files import publish, staging_path
+from megatron_harpe.files import free_bytes, human_bytes, out_of_space, publish, staging_path
 from megatron_harpe.models.unwrap import unwrap_model
 
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be loaded into this model; the message names it and the likely cause."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint save that failed for another reason than space (exit 1: the machine or a bug)."""
 
 
 def _rank() -> int:
@@ -74,30 +80,136 @@ def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any
 
 def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any], model_cfg: ModelConfig, *,
                      common: Optional[Dict[str, Any]] = None, side_files: Optional[Dict[str, str]] = None,
-                     content_metadata: Optional[Dict[str, Any]] = None) -> Path:
+                     content_metadata: Optional[Dict[str, Any]] = None, size_hint: int = 0) -> Path:
     """Save a torch_dist checkpoint to `directory` (collective: every rank calls it).
 
     `sharded_state` is what megatron-core saves (model chunks, optimizer, ...); `common` is
     plain data readable without loading tensors; `side_files` ({name: text}) are written by
-    rank 0 into the directory (e.g. the run's config.yaml).
+    rank 0 into the directory (e.g. the run's config.yaml). `size_hint`: the bytes a checkpoint
+    like this took before (the free-space check takes the larger of it and the estimate).
+
+    Failures are collective: a rank whose write failed (megatron-core reports other ranks' write
+    failures on rank 0 only, and the others would wait for it forever) is known to every rank, the
+    staging directory is removed, and every rank raises the same error - NoSpaceError (exit 4) when
+    it was the filesystem or quota, with the bytes needed and free.
     """
     directory = Path(directory)
     staging = staging_path(directory)
-    if _rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    _barrier()
+    needed = max(_bytes_to_write(sharded_state), size_hint)
+    _refuse_without_space(directory, needed)
+    failure = _attempt(lambda: _fresh_directory(staging), rank0_only=True)
+    _raise_if_any_failed(failure, staging, directory, needed)
     state = dict(sharded_state)
     state[RECORD_KEY] = position_record(model_cfg)
     state.update(common or {})
-    dist_checkpointing.save(state, str(staging), content_metadata=content_metadata)
-    _barrier()
-    if _rank() == 0:
+    failure = _attempt(lambda: dist_checkpointing.save(state, str(staging), content_metadata=content_metadata))
+    _raise_if_any_failed(failure, staging, directory, needed)
+
+    def finish():
         for name, text in (side_files or {}).items():
             (staging / name).write_text(text)
         publish(staging, directory)
-    _barrier()
+
+    failure = _attempt(finish, rank0_only=True)
+    _raise_if_any_failed(failure, staging, directory, needed)
     return directory
+
+
+def _fresh_directory(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _attempt(write: Callable[[], Any], rank0_only: bool = False) -> Optional[BaseException]:
+    """Run `write` (on rank 0 only, if asked); the error it raised, if any. torch.distributed.checkpoint's
+    CheckpointException derives from BaseException, hence the explicit catch."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        if not rank0_only or _rank() == 0:
+            write()
+    except (Exception, CheckpointException) as err:
+        return err
+    return None
+
+
+def _bytes_to_write(sharded_state: Dict[str, Any]) -> int:
+    """What the checkpoint's tensors take, summed over ranks (each tensor counted once, by its main
+    replica): the free-space check's estimate, a little under the files' size."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+
+    local = sum(t.data.numel() * t.data.element_size() for t in nested_values(sharded_state)
+                if isinstance(t, (ShardedTensor, ShardedTensorFactory)) and isinstance(t.data, torch.Tensor)
+                and is_main_replica(t.replica_id))
+    total = torch.tensor([float(local)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.to(_collective_device())
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _share(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _no_space_message(directory: Path, needed: int, free: Optional[int], when: str,
+                      available: Optional[int] = None) -> str:
+    """`available`: what the failed write had (what it wrote plus what was still free), when known."""
+    free_text = "an unknown amount" if free is None else f"{human_bytes(free)} ({free:,} bytes)"
+    need_text = f"about {human_bytes(needed)} ({needed:,} bytes)"
+    if available is not None and available >= needed:  # the estimate was low: say what is known for sure
+        need_text = f"more than the {human_bytes(available)} it had (estimated {human_bytes(needed)})"
+    return (f"no space for checkpoint {directory} ({when}): it needs {need_text} and {free_text} is free on its "
+            f"filesystem or quota. The previous checkpoint and 'latest' are "
+            f"untouched and nothing partial is left; free space (or lower checkpoint.keep_last, or move "
+            f"checkpoint.dir) and resume: retrying as is fails again")
+
+
+def _refuse_without_space(directory: Path, needed: int) -> None:
+    """Before writing anything: a save the filesystem says cannot fit is refused (exit 4) instead of filling
+    the disk and failing halfway."""
+    free = _share(free_bytes(directory.parent) if _rank() == 0 else None)
+    if free is not None and free < needed:
+        raise NoSpaceError(_no_space_message(directory, needed, free, "checked before writing"))
+
+
+def _raise_if_any_failed(failure: Optional[BaseException], staging: Path, directory: Path, needed: int) -> None:
+    """Collective: when any rank's `failure` is set, remove the staging directory and raise on every rank."""
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=_collective_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return
+    free_before = free_bytes(staging) if staging.exists() else free_bytes(directory.parent)
+    written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) if staging.exists() else 0
+    described = f"{type(failure).__name__}: {str(failure).strip().splitlines()[-1][:300]}" if failure else None
+    space = out_of_space(failure) or (free_before is not None and free_before < needed)
+    reports = [(described, space, written, free_before)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        reports = [None] * dist.get_world_size()
+        dist.all_gather_object(reports, (described, space, written, free_before))
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier()
+    errors = sorted({r[0] for r in reports if r[0]})
+    if any(r[1] for r in reports):
+        free = _share(free_bytes(directory.parent) if _rank() == 0 else None)
+        # ranks see one filesystem (a shared one, or each its own): the largest view of what the write had
+        available = max((r[2] + r[3] for r in reports if r[3] is not None), default=None)
+        raise NoSpaceError(_no_space_message(directory, needed, free, "the write failed: " + "; ".join(errors),
+                                             available))
+    raise CheckpointWriteError(f"checkpoint {directory} could not be written ({'; '.join(errors)}); the partial "
+                               f"save was removed, the previous checkpoint and 'latest' are untouched") from failure
 
 
 def read_common_state(directory: str | os.PathLike) -> Dict[str, Any]:

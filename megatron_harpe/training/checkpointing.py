@@ -26,9 +26,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_harpe import compat
-from megatron_harpe.cli import InputError
+from megatron_harpe.cli import InputError, NoSpaceError
 from megatron_harpe.config.model import ModelConfig
-from megatron_harpe.files import atomic_write_text
+from megatron_harpe.files import INCOMPLETE_SUFFIX, atomic_write_text, free_bytes, human_bytes, out_of_space
 from megatron_harpe.models.checkpoint import (CheckpointError, load_model, load_model_state, model_sharded_state,
                                               read_checkpoint,
                                               read_common_state, write_checkpoint)
@@ -50,6 +50,50 @@ def latest_checkpoint(directory: str | Path) -> Optional[Path]:
         raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint; "
                                 f"fix or remove {pointer} to resume from an older one")
     return path
+
+
+SKIPPED = "skipped"  # complete checkpoints newer than `latest`, moved aside at resume (tidy_checkpoint_dir)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def tidy_checkpoint_dir(directory: str | Path) -> List[str]:
+    """Rank 0, before resuming: clear what an interrupted save left; returns one line per thing done.
+
+    - `.iter_N.incomplete` (a save killed before every rank finished: some shards, or none) is removed: it can
+      never be completed, and on a full disk it holds the space the next save needs.
+    - `.iter_N.old` (files.publish killed between its two renames) is renamed back when `iter_N` is missing.
+    - a complete `iter_N` newer than the one `latest` names (a save killed after its rename but before
+      `latest` was rewritten, or a deliberate rollback by editing `latest`) is moved to `skipped/iter_N`:
+      the run resumes from `latest` as recorded and would otherwise overwrite or prune it.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    notes = []
+    for old in sorted(directory.glob(".iter_*.old")):
+        final = directory / old.name[1:-len(".old")]
+        if not final.exists():
+            old.rename(final)
+            notes.append(f"restored {final.name} from {old.name} (a replacement of it was interrupted)")
+    for partial in sorted(directory.glob(f".iter_*{INCOMPLETE_SUFFIX}")):
+        size = _size(partial)
+        shutil.rmtree(partial, ignore_errors=True)
+        notes.append(f"removed the partial checkpoint {partial.name} ({size / 2**20:.1f} MiB; a save that did not "
+                     f"finish)")
+    latest = latest_checkpoint(directory)
+    for path in sorted(p for p in directory.glob("iter_*") if p.is_dir()):
+        if latest is None or path.name > latest.name:
+            target = directory / SKIPPED / path.name
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(exist_ok=True)
+            path.rename(target)
+            notes.append(f"moved {path.name} to {SKIPPED}/{path.name}: it is newer than the checkpoint 'latest' "
+                         f"names ({latest.name if latest else 'none'}; a save stopped before 'latest' was written, or "
+                         f"'latest' was edited); the run resumes from 'latest'")
+    return notes
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -95,19 +139,64 @@ def save_checkpoint(directory: str | Path, iteration: int, *, chunks: List[torch
     common = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "layout": _layout(),
               "optimizer_format": metadata["distrib_optim_sharding_type"], **common}
     write_checkpoint(final, state, model_cfg, common=common, side_files={"config.yaml": config_yaml},
-                     content_metadata=metadata)
+                     content_metadata=metadata, size_hint=_previous_size(directory))
+    error = None
     if dist.get_rank() == 0:
-        atomic_write_text(directory / LATEST, final.name + "\n")
-        _prune(directory, keep_last)
-    dist.barrier()
+        try:
+            atomic_write_text(directory / LATEST, final.name + "\n")
+            _prune(directory, keep_last)
+        except OSError as err:
+            error = (out_of_space(err), f"{type(err).__name__}: {err}")
+    error = _from_rank0(error)
+    if error is not None:  # every rank says it, none waits for rank 0 in a barrier
+        space, text = error
+        message = (f"checkpoint {final} was written but '{LATEST}' could not be updated ({text}); it still names "
+                   f"the previous checkpoint")
+        raise NoSpaceError(message + ": free space and resume") if space else RuntimeError(message)
     return final
+
+
+def _from_rank0(value):
+    holder = [value]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _previous_size(directory: Path) -> int:
+    """Bytes of the newest complete checkpoint (rank 0 reads, all get it): what the next one will need."""
+    size = 0
+    if dist.get_rank() == 0:
+        try:
+            latest = latest_checkpoint(directory)
+            size = _size(latest) if latest is not None else 0
+        except (OSError, FileNotFoundError):
+            size = 0
+    return _from_rank0(size)
+
+
+def space_warning(directory: str | Path, saved: Path) -> Optional[str]:
+    """After a save: a warning when the filesystem cannot hold one more checkpoint of this size (older ones are
+    pruned only after the next one is complete), so the operator hears of it before the save that fails."""
+    free = free_bytes(directory)
+    if free is None:
+        return None
+    size = _size(saved)
+    if free >= size:
+        return None
+    return (f"low disk space: {human_bytes(free)} free on the filesystem of {directory}, the next checkpoint "
+            f"needs about {human_bytes(size)}; it will fail (exit 4) unless space is freed, checkpoint.keep_last "
+            f"lowered or checkpoint.dir moved")
 
 
 def _prune(directory: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     checkpoints = sorted(p for p in directory.glob("iter_*") if p.is_dir())
+    latest = latest_checkpoint(directory)
     for old in checkpoints[:-keep_last]:
+        if old == latest:  # never the one a resume would load
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 

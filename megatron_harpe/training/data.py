@@ -78,11 +78,15 @@ class MicroBatches:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_microbatches = global_batch // (micro_batch * dp_size)
 
+    def sample_index(self, iteration_in_stage: int, micro_batch: int, row: int) -> int:
+        """The dataset index of row `row` of micro-batch `micro_batch` of an iteration, on this DP rank."""
+        return (iteration_in_stage * self.global_batch + micro_batch * self.micro_batch * self.dp_size
+                + self.dp_rank * self.micro_batch + row)
+
     def iteration(self, iteration_in_stage: int) -> List[Dict[str, torch.Tensor]]:
-        first = iteration_in_stage * self.global_batch
         batches = []
         for j in range(self.num_microbatches):
-            start = first + j * self.micro_batch * self.dp_size + self.dp_rank * self.micro_batch
+            start = self.sample_index(iteration_in_stage, j, 0)
             samples = [self.dataset[start + k] for k in range(self.micro_batch)]
             batches.append({key: torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
                             for key in ("tokens", "labels", "loss_mask", "position_ids")})

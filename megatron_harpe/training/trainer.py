@@ -6,7 +6,9 @@
       -> model chunks (provider) wrapped in megatron-core DDP; megatron-core optimizer + scheduler
       -> per iteration: this DP rank's micro-batches -> forward_backward_func (PP/VPP schedules)
          -> optimizer.step -> scheduler.step -> loss reduced over DP/CP, shared by all ranks
-         -> log; non-finite loss stops; checkpoint on interval / stage end / signal / finish
+         (batches checked against the vocabulary first; a non-finite loss or gradient is never applied:
+         the run stops or skips the batch, training/nonfinite.py)
+         -> log; checkpoint on interval / stage end / signal / finish
       -> stage boundary: checkpoint, switch position base(s) and sequence length, new data
 
 Losses are summed per token and normalised by the global token count (megatron-core's
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -57,7 +58,9 @@ from megatron_harpe.training.metrics import MetricsLogger, model_flops_per_token
 from megatron_harpe.training.packing import pack_micro_batch, packed_seq_params, stream_multiple
 from megatron_harpe.training.profiling import IterationProfiler
 from megatron_harpe.training.runtime import detect_machine
+from megatron_harpe.training.nonfinite import NonfinitePolicy, NonfiniteWeights, gradients_finite, weights_finite
 from megatron_harpe.training.signals import EXIT_CODE_NONFINITE_LOSS, EXIT_CODE_REQUEUE, SignalWatcher
+from megatron_harpe.training.token_ids import check_token_ids, sample_source
 
 
 @dataclass
@@ -115,6 +118,9 @@ class Trainer:
         self.params_dtype = _params_dtype(cfg)
         self.replan = False
         self._log_event = None
+        self.iteration = 0
+        self.tidy_notes: List[str] = []
+        self.nonfinite = NonfinitePolicy(cfg.training.on_nonfinite, cfg.training.max_skipped_iterations)
 
     # ------------------------------------------------------------------ building
     def _transformer_config(self, model_cfg):
@@ -225,6 +231,11 @@ class Trainer:
                        dp_size=self.dp_size)
         self.valid_batches = [] if valid is None else [
             batch for i in range(t.eval_iterations) for batch in MicroBatches(valid, **batches).iteration(i)]
+        per_iteration = len(self.valid_batches) // max(t.eval_iterations, 1)
+        check_token_ids(self.valid_batches, stage.model_cfg.vocab_size, device=self.device,
+                        what=f"stage {stage.index}'s validation batches",
+                        locate=lambda j, row: sample_source(valid, MicroBatches(valid, **batches).sample_index(
+                            j // per_iteration, j % per_iteration, row)))
         return MicroBatches(train, **batches)
 
     # ------------------------------------------------------------------ one step
@@ -251,7 +262,9 @@ class Trainer:
                        packed_seq_params=packed_seq_params(layout, self.device))
         return output, partial(_loss_func, packed["loss_mask"])
 
-    def train_step(self, stage: Stage, batches) -> tuple[float, Optional[float]]:
+    def train_step(self, stage: Stage, batches) -> tuple[float, Optional[float], Optional[str]]:
+        """(loss, grad norm, None) for an applied update; (loss, None, what went wrong) when the loss or the
+        gradients are not finite, and then nothing is applied (training/nonfinite.py)."""
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -260,10 +273,14 @@ class Trainer:
                 forward_step_func=self._forward_step, data_iterator=iterators_for_chunks(batches, len(self.chunks)),
                 model=self.chunks, num_microbatches=len(batches), seq_length=stage.seq_length,  # divided by CP there
                 micro_batch_size=self.cfg.data.micro_batch_size, forward_only=False)
+        loss = self._reduce_loss(outputs)
+        verdict = self.nonfinite.verdict(self.iteration + 1, loss, gradients_finite(self.chunks, self.device))
+        if verdict is not None:
+            return loss, None, verdict
         with profile_range("harpe/optimizer_step"):
             _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
-        return self._reduce_loss(outputs), grad_norm
+        return loss, grad_norm, None
 
     def _reduce_loss(self, outputs) -> float:
         """Token-weighted mean loss of the iteration, identical on every rank."""
@@ -280,10 +297,17 @@ class Trainer:
         p = self.cfg.parallel
         logger.log_event(f"{self.how}; {len(self.stages)} stage(s), {self.total_iterations} iterations, "
                          f"world {self.world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {self.dp_size}")
+        for note in self.tidy_notes:
+            logger.log_event(f"checkpoints: {note}")
         compat.start_checkpoint_writer_shielded(parse_signals(self.cfg.checkpoint.exit_signals))
         self._log_event = logger.log_event
+        self.result = RunResult(exit_code=0, iteration=iteration)
         with SignalWatcher(self.cfg.checkpoint.exit_signals) as watcher:
-            result = self._train(iteration, data, logger, watcher)
+            try:
+                result = self._train(iteration, data, logger, watcher)
+            except NonfiniteWeights as err:
+                result = self.result
+                result.exit_code, result.reason = EXIT_CODE_NONFINITE_LOSS, str(err)
         logger.log_event(f"{result.reason} | {summary_line(logger.summary())} | checkpoints: {self.ckpt_dir} | "
                          f"TensorBoard: {self.run_dir / 'tensorboard'} | metrics: {self.run_dir / 'metrics.jsonl'}")
         logger.close()
@@ -297,7 +321,11 @@ class Trainer:
         try:
             iteration, self.how = self._resume_or_start()
             self.probes = self._probe_prompts()
-            return iteration, self._data_for(stage_at(self.stages, iteration))
+            stage = stage_at(self.stages, iteration)
+            data = self._data_for(stage)
+            if iteration < self.total_iterations:  # data of another vocabulary: refused before anything is written
+                self._checked_batches(data, stage, iteration)
+            return iteration, data
         except InputError:
             if not existed and self.rank == 0:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -305,6 +333,10 @@ class Trainer:
 
     def _resume_or_start(self) -> tuple[int, str]:
         """Build the model for where the run stands: (first iteration to run, how we got there)."""
+        if self.cfg.checkpoint.resume:  # what an interrupted save left behind, cleared and said (logged in run())
+            notes = [ckpt.tidy_checkpoint_dir(self.ckpt_dir) if self.rank == 0 else None]
+            dist.broadcast_object_list(notes, src=0)  # the logging rank is the last one
+            self.tidy_notes = notes[0]
         latest = ckpt.latest_checkpoint(self.ckpt_dir) if self.cfg.checkpoint.resume else None
         if latest is None:
             self._build(self.stages[0].model_cfg)
@@ -315,6 +347,7 @@ class Trainer:
             return 0, "fresh start"
         common = read_common_state(latest)
         iteration = int(common["iteration"])
+        self.nonfinite.skipped = list(common.get("skipped_iterations", []))
         self._check_schedule(common.get("schedule"), iteration, f"checkpoint {latest}")
         saved_stage = stage_at(self.stages, max(iteration - 1, 0))
         self._build(saved_stage.model_cfg)
@@ -346,7 +379,7 @@ class Trainer:
                watcher: SignalWatcher) -> RunResult:
         """Iterations until the end, a non-finite loss or a signal; checkpoints as configured."""
         cfg = self.cfg
-        result = RunResult(exit_code=0, iteration=iteration)
+        result = self.result
         stage = stage_at(self.stages, iteration)
         profiler = IterationProfiler(cfg.logging.profile, run_dir=self.run_dir, rank=self.rank,
                                      first_iteration=iteration, log_event=logger.log_event)
@@ -359,22 +392,28 @@ class Trainer:
                 logger.log_event(f"stage {stage.index} ({stage.name}) begins at iteration {iteration}: "
                                  f"seq_length {stage.seq_length}, {stage.model_cfg.position.describe()}")
             started = time.perf_counter()
+            batches = self._checked_batches(data, stage, iteration)
+            self.iteration = iteration
             with profiler.iteration(iteration):  # logging.profile: a trace of its iterations
-                loss, grad_norm = self.train_step(stage, data.iteration(iteration - stage.start_iteration))
+                loss, grad_norm, verdict = self.train_step(stage, batches)
             iteration += 1
             result.iteration, result.losses[iteration] = iteration, loss
             tokens = cfg.data.global_batch_size * stage.seq_length
             logger.log_iteration(iteration, loss=loss, lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
                                  grad_norm=grad_norm, tokens=tokens, elapsed_s=time.perf_counter() - started,
                                  flops=tokens * _flops_per_token(stage), world_size=self.world,
-                                 extra={"stage": stage.index})
-            if cfg.training.stop_on_nonfinite_loss and not math.isfinite(loss):
-                result.exit_code, result.reason = EXIT_CODE_NONFINITE_LOSS, (
-                    f"loss is {loss} at iteration {iteration}: stopping; the last good checkpoint "
-                    f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept. Lower the learning rate or "
-                    f"check the data, then resume.")
-                profiler.close()
-                return result
+                                 extra={"stage": stage.index, "skipped": int(verdict is not None)})
+            if verdict is not None:
+                if not self.nonfinite.may_skip():
+                    result.exit_code, result.reason = EXIT_CODE_NONFINITE_LOSS, self._nonfinite_stop(verdict)
+                    profiler.close()
+                    return result
+                self.nonfinite.skipped.append(iteration)
+                first = (iteration - 1 - stage.start_iteration) * cfg.data.global_batch_size
+                logger.log_event(f"{verdict}: update skipped ({len(self.nonfinite.skipped)} of at most "
+                                 f"{self.nonfinite.max_skipped} over the run, training.max_skipped_iterations); the "
+                                 f"batch was samples [{first}, {first + cfg.data.global_batch_size}) of stage "
+                                 f"{stage.index}'s training data")
             if watcher.should_stop(self.device):
                 self._save(iteration, stage)
                 received = ",".join(dict.fromkeys(watcher.received)) or "on another rank"
@@ -449,21 +488,48 @@ class Trainer:
             for chunk in self.chunks:
                 chunk.enable_forward_pre_hook()
 
+    def _nonfinite_stop(self, verdict: str) -> str:
+        t = self.cfg.training
+        why = ("training.on_nonfinite=stop" if t.on_nonfinite == "stop" else
+               f"{len(self.nonfinite.skipped)} update(s) already skipped, training.max_skipped_iterations="
+               f"{t.max_skipped_iterations}")
+        return (f"{verdict}: stopping ({why}); the update was not applied and the last good checkpoint "
+                f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept. Lower the learning rate or check the data, "
+                f"then resume (training.on_nonfinite=skip skips such batches)")
+
+    def _checked_batches(self, data: MicroBatches, stage: Stage, iteration: int):
+        """This rank's micro-batches of `iteration`, after the collective token-id check (token_ids.py)."""
+        in_stage = iteration - stage.start_iteration
+        batches = data.iteration(in_stage)
+        check_token_ids(batches, stage.model_cfg.vocab_size, device=self.device,
+                        what=f"the batch of iteration {iteration + 1}",
+                        locate=lambda j, row: sample_source(data.dataset, data.sample_index(in_stage, j, row)))
+        return batches
+
     def _save(self, iteration: int, stage: Stage) -> None:
         if ckpt.latest_checkpoint(self.ckpt_dir) == self.ckpt_dir / ckpt.checkpoint_name(iteration):
             return
+        if not weights_finite(self.chunks, self.device):  # never a checkpoint that cannot resume
+            raise NonfiniteWeights(f"the weights are not finite at iteration {iteration}: checkpoint "
+                                   f"{ckpt.checkpoint_name(iteration)} not written; the last good one "
+                                   f"({ckpt.latest_checkpoint(self.ckpt_dir)}) is kept")
         started = time.perf_counter()
         with self._parameters_gathered():
             self._write_checkpoint(iteration, stage)
         if self._log_event is not None:  # how long a save blocks training: what would justify async saving
             self._log_event(f"checkpoint {ckpt.checkpoint_name(iteration)} saved in "
                             f"{time.perf_counter() - started:.2f} s")
+            warning = ckpt.space_warning(self.ckpt_dir, self.ckpt_dir / ckpt.checkpoint_name(iteration)) \
+                if self.rank == self.world - 1 else None  # (the logging rank)
+            if warning:
+                self._log_event(warning)
 
     def _write_checkpoint(self, iteration: int, stage: Stage) -> None:
         ckpt.save_checkpoint(self.ckpt_dir, iteration, chunks=self.chunks, optimizer=self.optimizer,
                              scheduler=self.scheduler, model_cfg=stage.model_cfg,
                              common={"iteration": iteration, "stage": stage.index,
-                                     "schedule": self.schedule_plan()},
+                                     "schedule": self.schedule_plan(),
+                                     "skipped_iterations": list(self.nonfinite.skipped)},
                              keep_last=self.cfg.checkpoint.keep_last, config_yaml=self.config_yaml,
                              optimizer_format=self.cfg.checkpoint.optimizer_format)
 
