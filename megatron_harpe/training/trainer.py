@@ -120,6 +120,7 @@ class Trainer:
         self._log_event = None
         self.iteration = 0
         self.tidy_notes: List[str] = []
+        self.resumed_from: Optional[Path] = None
         self.nonfinite = NonfinitePolicy(cfg.training.on_nonfinite, cfg.training.max_skipped_iterations)
 
     # ------------------------------------------------------------------ building
@@ -299,6 +300,10 @@ class Trainer:
                          f"world {self.world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {self.dp_size}")
         for note in self.tidy_notes:
             logger.log_event(f"checkpoints: {note}")
+        if self.resumed_from is not None and self.rank == self.world - 1:  # a disk too full for the next save: said now
+            warning = ckpt.space_warning(self.ckpt_dir, self.resumed_from)
+            if warning:
+                logger.log_event(warning)
         compat.start_checkpoint_writer_shielded(parse_signals(self.cfg.checkpoint.exit_signals))
         self._log_event = logger.log_event
         self.result = RunResult(exit_code=0, iteration=iteration)
@@ -345,6 +350,7 @@ class Trainer:
                 ckpt.load_weights_only(source, self.chunks)
                 return 0, f"weights from {source}"
             return 0, "fresh start"
+        self.resumed_from = latest
         common = read_common_state(latest)
         iteration = int(common["iteration"])
         self.nonfinite.skipped = list(common.get("skipped_iterations", []))
