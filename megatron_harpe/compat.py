@@ -74,7 +74,17 @@ WORKAROUNDS = (
                "the torch_dist writer's helper process (a spawned multiprocessing manager) dies of the very "
                "signal a scheduler sends every process to ask for a checkpoint: it is started with the exit "
                "signals ignored (filesystem_async.get_write_results_queue, public from 0.19; "
-               "_get_write_results_queue before)",
+               "_get_write_results_queue before); hence it is started at the run's start, not at the first "
+               "save (which also lets checkpoint-writer-orphans guard it)",
+               ">=0.16.1", ("0.16.1", "0.19.2")),
+    Workaround("checkpoint-writer-orphans",
+               "the same helper (and its multiprocessing resource tracker) is ended only by its rank's exit "
+               "handlers: when the rank is killed (SIGKILL, the OOM killer) both run on forever, re-parented "
+               "to init - the manager never checks for its parent, torchrun signals only the ranks still "
+               "running, and a shielded helper ignores those signals anyway (measured under torchrun: 2 "
+               "processes left per killed rank, shielded or not). A guardian process holding one end of a "
+               "pipe from the rank SIGKILLs the helper once the rank is gone, however it went; the tracker "
+               "then sees its own pipe close and exits",
                ">=0.16.1", ("0.16.1", "0.19.2")),
     Workaround("cp-batch-group",
                "from 0.19 get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group=None) slices over the WHOLE "
@@ -235,25 +245,111 @@ def _load_reshardable(opt, state: dict) -> None:
             st["step"] = steps[id(p)]
 
 
-# ---------------------------------------------------------------------- checkpoint-writer-signals
+# ---------------------------------------------------------------------- checkpoint-writer-signals, -orphans
 def start_checkpoint_writer_shielded(signals: Iterable[signal_module.Signals]) -> None:
-    """Start megatron-core's checkpoint-writer helper process with the exit signals ignored.
+    """Start megatron-core's checkpoint-writer helper process with the exit signals ignored, and its guardian.
 
-    An ignored disposition survives exec, so the helper is immune to the signals that ask the
-    trainer to checkpoint; the trainer's own handlers are installed afterwards.
+    checkpoint-writer-signals: an ignored disposition survives exec, so the helper is immune to the
+    signals that ask the trainer to checkpoint; the trainer's own handlers are installed afterwards.
+    checkpoint-writer-orphans: `_guard` starts the process that ends the helper when this rank is
+    gone. With both switched off megatron-core starts the helper itself, at the first save.
     """
+    import multiprocessing
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if not active("checkpoint-writer-signals"):
+    shield, guard = active("checkpoint-writer-signals"), active("checkpoint-writer-orphans")
+    if not (shield or guard):
         return
     # public from megatron-core 0.19 (get_write_results_queue), private before
     start = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
-    previous = {sig: signal_module.signal(sig, signal_module.SIG_IGN) for sig in signals}
+    before = {child.pid for child in multiprocessing.active_children()}
+    previous = {sig: signal_module.signal(sig, signal_module.SIG_IGN) for sig in signals} if shield else {}
     try:
         start()
+        helpers = [child.pid for child in multiprocessing.active_children() if child.pid not in before]
+        if helpers and guard:
+            _guard(helpers)
     finally:
         for sig, handler in previous.items():
             signal_module.signal(sig, handler)
+
+
+#: What the guardian ignores: the signals that end a job or ask for a checkpoint. Only the rank's end (or
+#: SIGKILL) ends it. They are blocked from its start (the mask survives exec) until it ignores them.
+GUARDIAN_IGNORES = ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+#: The guardian's program (run by `python -I -S -c`): block reading the pipe whose write end only the
+#: rank holds; EOF means the rank is gone (exited or killed: the kernel closes its descriptors either
+#: way); then SIGKILL each helper - through a pidfd where the kernel has them (Linux >= 5.3: the signal
+#: cannot reach a recycled pid), else by pid if /proc still shows the same start time - and exit.
+GUARDIAN_PROGRAM = """# megatron-harpe checkpoint-writer guardian
+import os, signal, sys
+ignored = [getattr(signal, name) for name in %r]
+for sig in ignored:
+    signal.signal(sig, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, ignored)
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+fd, helpers = int(sys.argv[1]), [arg.split(":") for arg in sys.argv[2:]]
+while os.read(fd, 64):
+    pass
+for kind, value, start in helpers:
+    try:
+        if kind == "pidfd":
+            signal.pidfd_send_signal(int(value), signal.SIGKILL)
+        elif started(value) == start:
+            os.kill(int(value), signal.SIGKILL)
+    except OSError:
+        pass
+""" % (GUARDIAN_IGNORES,)
+#: Each guardian (its Popen) and the write end of its pipe, held open for the life of this process.
+_GUARDIANS: List[Tuple[Any, int]] = []
+
+
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def _guard(helpers: List[int]) -> None:
+    """Start the guardian of `helpers` (children of this process, not reaped yet: their pids are theirs).
+
+    The pipe's write end is close-on-exec: processes this one spawns do not hold it, so the guardian
+    sees EOF when this process is gone (a fork()ed child that outlives it would delay that)."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    pidfds, args = [], []
+    try:
+        for pid in helpers:
+            try:
+                pidfd = os.pidfd_open(pid)
+                pidfds.append(pidfd)
+                args.append(f"pidfd:{pidfd}:")
+            except (AttributeError, OSError):  # no pidfd_open (kernel < 5.3): the pid and its start time
+                args.append(f"pid:{pid}:{_start_time(pid)}")
+        # blocked in this thread only (a signal for this process meanwhile goes to another thread): the child
+        # starts with them blocked and unblocks them once it ignores them
+        blocked = {getattr(signal_module, name) for name in GUARDIAN_IGNORES}
+        mask = signal_module.pthread_sigmask(signal_module.SIG_BLOCK, blocked)
+        try:
+            guardian = subprocess.Popen([sys.executable, "-I", "-S", "-c", GUARDIAN_PROGRAM, str(read_end), *args],
+                                        pass_fds=(read_end, *pidfds), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            signal_module.pthread_sigmask(signal_module.SIG_SETMASK, mask)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        for fd in (read_end, *pidfds):
+            os.close(fd)
+    _GUARDIANS.append((guardian, write_end))
 
 
 # ---------------------------------------------------------------------- cp-batch-group

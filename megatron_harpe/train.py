@@ -4,8 +4,10 @@ The same command runs under torchrun, srun and mpirun: the launcher is detected 
 environment. The config is checked on every rank before torch is imported (a bad config answers
 in a fraction of a second), the machine (GPU, Transformer Engine, Triton) before any process group.
 Exit codes (megatron_harpe/cli.py): 0 finished; 2 bad config, flags or input (one message, no
-traceback unless --debug); 3 non-finite loss (last good checkpoint kept); 75 stopped on a signal
-after checkpointing (requeue me); 1 internal error (traceback).
+traceback unless --debug; also token ids past the vocabulary); 3 non-finite loss or gradients (last
+good checkpoint kept); 4 no space for a checkpoint (partial save removed; do not requeue); 75 stopped
+on a signal after checkpointing (requeue me); 1 internal error (traceback), or a rank was lost (one
+line naming it, from one survivor: megatron_harpe/parallel/lost_rank.py).
 """
 from __future__ import annotations
 
@@ -57,6 +59,13 @@ def _train(args) -> int:
     from megatron_harpe.training.trainer import run
 
     try:
+        # a dead peer: one line naming it instead of a traceback per survivor (parallel/lost_rank.py)
+        from megatron_harpe.config.validate import parse_signals
+        from megatron_harpe.parallel.lost_rank import LostRankWatch
+
+        watch = LostRankWatch.start(launch, parse_signals(cfg.checkpoint.exit_signals), prog=PROG, debug=args.debug)
+        if watch is not None:
+            return watch.run(lambda: run(cfg).exit_code)
         return run(cfg).exit_code
     finally:
         if dist.is_initialized():

@@ -29,7 +29,8 @@ SEQ = 32  # the worker's sequence length: token i sits at position i
 SCENARIOS = ["cp_batch", "adamw_plain", "adamw_distributed", "interleaved_pp"]
 #: the workaround each test below switches off; a new workaround without a test fails test_every_workaround_is_tested
 COVERED = {"interleaved-pipeline-batched-p2p", "torch-adamw-fresh-step", "torch-adamw-shared-step",
-           "reshardable-optimizer-step", "checkpoint-writer-signals", "cp-batch-group"}
+           "reshardable-optimizer-step", "checkpoint-writer-signals", "cp-batch-group",
+           "checkpoint-writer-orphans"}  # the last one: tests/test_dead_rank.py (a rank SIGKILLed under torchrun)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,8 @@ def test_checkpoint_writer_signals(writer):
         assert active["active"] and not disabled["active"]
         assert active["helper_exit"] is None and active["second_save"] == "ok"
         assert disabled["helper_exit"] == -signal.SIGTERM
-        assert disabled["second_save"]["type"] == "BrokenPipeError", disabled
+        second = disabled["second_save"]  # megatron-core's BrokenPipeError, as models/checkpoint.py reports it
+        assert "BrokenPipeError" in f"{second['type']}: {second['message']}", disabled
     else:
         for key in ("helper_exit", "second_save"):
             assert active[key] == disabled[key]

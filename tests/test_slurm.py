@@ -11,6 +11,10 @@ delay, start-up) overlaps. The daemons are stopped by their pid files at the end
   Once it has requeued, the test raises the job's limit to 10 minutes: a 2-minute limit would interrupt
   every later attempt after a few iterations too (start-up takes 10-30 s here), which proves nothing more
   and makes the module slow on a loaded machine.
+- a dead rank (issue 23): the same run with task 0 (rank 0, which holds the rendezvous store) SIGKILLed by the
+  test once the first checkpoint exists: the step ends within srun's bound (--wait + KillWait), the
+  survivor names the lost rank in one line, nothing of that step is left, the job requeues on its progress
+  and the resumed loss trace equals the uninterrupted one.
 - LAUNCHER=mpi (srun --mpi=pmi2, the mpich wheel): MPI's COMM_WORLD and the trainer both see 2 ranks.
 - the requeue decisions of train.sbatch (bounded restarts, no loop on crashes without progress, exit 2/3
   never requeued), with a stand-in trainer that only exits with the codes harpe-train uses.
@@ -26,6 +30,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +59,12 @@ LONG = ["parallel.tensor=2", "model.num_layers=4", "model.hidden_size=128", "mod
         # writer processes (spawned at the first save), which train.sbatch must not signal
         "checkpoint.save_interval=25", "logging.tensorboard=false"]
 JOB_TIMEOUT = 600
+#: srun --wait for the dead-rank job: how long the survivor may go on after the killed task's end (train.sbatch's
+#: default is 120 s; gloo's survivor sees the broken connection at once and leaves by itself: measured 2.4 s after
+#: the kill on an idle machine, 7-9.5 s beside this module's other jobs). The step's bound is that plus Slurm's
+#: KillWait (SIGTERM, then SIGKILL; 10 s in tests/slurm_cluster.py)
+DEAD_RANK_WAIT_S = 10
+DEAD_RANK_BOUND_S = DEAD_RANK_WAIT_S + 10
 
 # A stand-in for `python` that plays harpe-train's exit codes (everything else goes to the real Python):
 # attempt i (SLURM_RESTART_COUNT) exits FAKE_EXITS[i] and, if FAKE_PROGRESS[i] is 1, first writes a new
@@ -99,6 +110,25 @@ def mpi_problem() -> str | None:
     return None
 
 
+def step_processes(job_id: str) -> list[tuple[int, dict, str]]:
+    """(pid, environment, command line) of every live process of a step of job `job_id` (srun's tasks and what
+    they started; not the batch script, which has no SLURM_STEP_ID)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().decode(errors="replace").split("\0")
+            env = dict(item.split("=", 1) for item in environ if "=" in item)
+            if env.get("SLURM_JOB_ID") != job_id or "SLURM_STEP_ID" not in env:
+                continue
+            if Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        found.append((int(entry), env, cmd.strip()))
+    return found
+
+
 class Jobs:
     """Everything submitted at the start; `wait(name)` waits for one job and returns its scontrol record."""
 
@@ -139,6 +169,34 @@ class Jobs:
 
         threading.Thread(target=watch, daemon=True).start()
 
+    def kill_task_after_first_checkpoint(self, name: str, task: int = 0) -> None:
+        """SIGKILL task `task`'s harpe-train once the job's first checkpoint exists, then note which processes of
+        that attempt's step are still there once the step has ended (a thread; the dead-rank test)."""
+        def watch():
+            deadline = time.monotonic() + JOB_TIMEOUT
+            latest, attempts = self.work / name / "checkpoints" / "latest", self.work / name / "slurm_attempts.log"
+            while not latest.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            victims = [pid for pid, env, cmd in step_processes(self.ids[name])
+                       if env.get("SLURM_PROCID") == str(task) and "-m megatron_harpe.train" in cmd]
+            if len(victims) != 1:
+                self.extra[f"{name}_killed"] = f"found {victims} for task {task}"
+                return
+            os.kill(victims[0], signal.SIGKILL)
+            self.extra[f"{name}_killed"] = (victims[0], time.time())
+            while " exit " not in attempts.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            ended = time.monotonic()
+            while True:  # what outlives that step (slurmstepd ends what it tracks as the step ends)
+                left = [(pid, cmd) for pid, env, cmd in step_processes(self.ids[name])
+                        if env.get("SLURM_RESTART_COUNT", "0") == "0"]
+                if not left or time.monotonic() > ended + 5:
+                    break
+                time.sleep(0.2)
+            self.extra[f"{name}_left"] = left
+
+        threading.Thread(target=watch, daemon=True).start()
+
     def wait(self, name: str, timeout: float = JOB_TIMEOUT) -> dict:
         return self.cluster.wait(self.ids[name], timeout=timeout)
 
@@ -169,6 +227,8 @@ def jobs(tmp_path_factory, corpus_jsonl, spm_model):  # noqa: F811
         j.train("reference", "--time=10", overrides=LONG)
         j.train("requeue", "--time=2", "--signal=B:USR1@110", overrides=LONG)
         j.lift_limit_after_first_requeue("requeue")
+        j.train("deadrank", "--time=10", overrides=LONG, env={"STEP_EXIT_WAIT_S": str(DEAD_RANK_WAIT_S)})
+        j.kill_task_after_first_checkpoint("deadrank", task=0)
         if mpi_problem() is None:
             j.train("mpi", "--time=10", overrides=["training.iterations=2", "logging.tensorboard=false"],
                     env={"LAUNCHER": "mpi", "SRUN_MPI": "pmi2"})
@@ -256,6 +316,35 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes_bit_identically(jobs
     reference = jobs.wait("reference")
     assert reference["JobState"] == "COMPLETED", jobs.log(reference)[-3000:]
     assert loss_trace(jobs.work / "requeue") == loss_trace(jobs.work / "reference")  # bit-identical
+
+
+def test_a_killed_task_ends_the_step_in_bound_requeues_and_resumes_exactly(jobs):
+    """One task SIGKILLed after the first checkpoint (issue 23): rank 0, which holds the rendezvous store."""
+    info = jobs.wait("deadrank")
+    log = jobs.log(info)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-6000:]
+    killed = jobs.extra.get("deadrank_killed")
+    assert isinstance(killed, tuple), killed
+    pid, killed_at = killed
+    records = [line.split() for line in (jobs.work / "deadrank" / "slurm_attempts.log").read_text().splitlines()]
+    # <time> <job> <restart> start|exit <latest>|<rc> <latest>
+    first_exit = next(r for r in records if r[3] == "exit")
+    assert first_exit[2] == "0" and first_exit[4] not in ("0", "2", "3", "4", "75"), records
+    ended = int(first_exit[0]) + 1 - killed_at  # the log has whole seconds
+    print(f"\ndead rank: the step ended {ended:.1f} s after the kill (bound {DEAD_RANK_BOUND_S} s)")
+    assert ended <= DEAD_RANK_BOUND_S + 1, (ended, log[-6000:])
+    assert "srun: error: localhost: task 0: Killed" in log
+    named = [line for line in log.splitlines() if line.startswith("harpe-train: lost ")]
+    assert len(named) == 1, log[-6000:]  # one line, from the survivor
+    assert named[0].startswith("harpe-train: lost rank 0 (") and f"pid {pid}: gone), 1 of 2 ranks, which held the " \
+        "rendezvous store" in named[0], named
+    assert "Traceback" not in log, log[-6000:]  # the line instead of the survivor's traceback
+    assert f"failed (exit {first_exit[4]}) after progress" in log and "requeueing (restart 1" in log
+    assert jobs.extra.get("deadrank_left") == [], jobs.extra.get("deadrank_left")  # nothing of that step is left
+    assert re.search(r"resumed from .*iter_\d+ at iteration \d+", log)
+    reference = jobs.wait("reference")
+    assert reference["JobState"] == "COMPLETED", jobs.log(reference)[-3000:]
+    assert loss_trace(jobs.work / "deadrank") == loss_trace(jobs.work / "reference")  # bit-identical
 
 
 @pytest.mark.parametrize("launcher", ["srun", "srun --mpi=pmi2"])

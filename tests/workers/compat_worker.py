@@ -338,8 +338,9 @@ def writer_signals(out_dir: str) -> dict:
     before = {c.pid for c in me.children(recursive=True)}
     compat.start_checkpoint_writer_shielded([signal.SIGTERM, signal.SIGUSR1])  # what the trainer does at start
     save_model([model], cfg, os.path.join(out_dir, "first"))  # starts the helper here if compat did not
-    helpers = [c for c in me.children(recursive=True)
-               if c.pid not in before and "resource_tracker" not in " ".join(c.cmdline())]
+    helpers = [c for c in me.children(recursive=True)  # neither its resource tracker nor its guardian
+               if c.pid not in before and not any(word in " ".join(c.cmdline())
+                                                  for word in ("resource_tracker", "checkpoint-writer guardian"))]
     result = {"helpers": len(helpers), "active": compat.active("checkpoint-writer-signals")}
     helper = helpers[0]
     helper.send_signal(signal.SIGTERM)
