@@ -192,7 +192,8 @@ def _raise_if_any_failed(failure: Optional[BaseException], staging: Path, direct
         return
     free_before = free_bytes(staging) if staging.exists() else free_bytes(directory.parent)
     written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) if staging.exists() else 0
-    described = f"{type(failure).__name__}: {str(failure).strip().splitlines()[-1][:300]}" if failure else None
+    last_line = (str(failure).strip().splitlines() or [""])[-1][:300] if failure is not None else ""
+    described = f"{type(failure).__name__}: {last_line}".rstrip(": ") if failure is not None else None
     space = out_of_space(failure) or (free_before is not None and free_before < needed)
     reports = [(described, space, written, free_before)]
     if dist.is_initialized() and dist.get_world_size() > 1:
