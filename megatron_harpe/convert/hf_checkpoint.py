@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from megatron_harpe.convert.errors import ConversionError
+from megatron_harpe.files import default_permissions
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -149,6 +150,7 @@ def write_safetensors(tensors: Iterable[Tuple[str, torch.Tensor]], directory: Pa
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for i, final in enumerate(names):
         os.replace(directory / f".shard-{i:05d}.safetensors", directory / final)
+        default_permissions(directory / final)  # save_file writes 0600: a shared export is read by the team
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes},
                  "weight_map": {name: names[i] for name, i in weight_map.items()}}

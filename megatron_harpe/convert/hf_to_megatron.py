@@ -105,7 +105,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, save: str | Path, *, tp: int = 1,
                 raise ConversionError(f"{hf_dir} has {len(unused)} tensor(s) a Llama model does not use, e.g. "
                                       f"{unused[:4]}; refusing to drop weights silently (unsupported architecture?)")
             if verify:
-                extra["max |logit diff| vs HF"] = f"{_verify_against_hf(model, hf_dir, model_cfg, hf_vocab):.3g}"
+                diff = _verify_against_hf(model, hf_dir, model_cfg, hf_vocab, show_progress)
+                extra["max |logit diff| vs HF"] = f"{diff:.3g}"
             conversion = {"source": "huggingface", "hf_dir": str(hf_dir.resolve()), "hf_config": hf,
                           "hf_vocab_size": hf_vocab, "dtype": dtype_name(params_dtype),
                           "hf_source_dir": HF_SOURCE_DIR, "intended_layout": {"tp": tp, "pp": pp}}
@@ -145,18 +146,17 @@ def _write_side_files(staging: Path, hf_dir: Path, model_cfg: ModelConfig) -> No
                                       "(training.init_from)\n" + model_yaml)
 
 
-def _verify_against_hf(model, hf_dir: Path, model_cfg: ModelConfig, hf_vocab: int) -> float:
+def _verify_against_hf(model, hf_dir: Path, model_cfg: ModelConfig, hf_vocab: int, show_progress: bool) -> float:
     """Max |logit difference| between the megatron model and transformers' model on random ids.
 
     Meaningful when the position encoding was kept; with a new one (e.g. HARPE) the two models
     differ by design and the number shows by how much.
     """
-    from transformers import AutoModelForCausalLM
-
+    from megatron_harpe.convert.hf_runtime import load_hf_causal_lm
     from megatron_harpe.convert.megatron_io import megatron_logits
 
     dtype = next(model.parameters()).dtype
-    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, trust_remote_code=True).eval()
+    hf_model = load_hf_causal_lm(hf_dir, dtype=dtype, show_progress=show_progress)
     ids = torch.randint(0, hf_vocab, (1, min(64, model_cfg.max_position_embeddings)),
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

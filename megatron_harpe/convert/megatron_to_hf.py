@@ -140,7 +140,8 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, tokenizer: Opti
                 for name in HF_MODELING_FILES:
                     shutil.copy2(HF_MODELING_DIR / name, staging / name)
             if verify:
-                extra["max |logit diff| HF vs megatron"] = f"{verify_export(model, staging, true_vocab):.3g}"
+                diff = verify_export(model, staging, true_vocab, show_progress=show_progress)
+                extra["max |logit diff| HF vs megatron"] = f"{diff:.3g}"
         if info is None:
             extra["tokenizer"] = "none written (pass --tokenizer)"
         elif info.note:
@@ -181,12 +182,12 @@ def _write_generation_config(staging: Path, chain: List[Path], token_ids: Dict[s
     (staging / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def verify_export(model, hf_dir: Path, vocab: int, seq: int = 32) -> float:
+def verify_export(model, hf_dir: Path, vocab: int, seq: int = 32, show_progress: bool = True) -> float:
     """Max |logit difference| between the megatron model and the exported HF model on random ids."""
     from megatron_harpe.convert.hf_runtime import load_hf_causal_lm
 
     dtype = next(model.parameters()).dtype
-    hf_model = load_hf_causal_lm(hf_dir, dtype=dtype)
+    hf_model = load_hf_causal_lm(hf_dir, dtype=dtype, show_progress=show_progress)
     ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = megatron_logits(model, ids)[..., :vocab].float()
