@@ -503,7 +503,14 @@ def run_pipeline(files: list[str], options: EncodeOptions, workers: int,
             result, pos = pending.popleft()
             on_result(result.get(), pos)
         pool.close()
-    except BaseException:
+    except Exception:
+        # A failed write (a full disk) or a bad block: the workers finish the few blocks already handed out
+        # (at most `in_flight`) and leave. Not Pool.terminate(): it can hang for ever when the pool's task thread
+        # is blocked writing a block larger than the pipe into a queue whose readers it has just killed (seen
+        # in CI under load: test_write_failure_leaves_no_valid_pair, 900 s).
+        pool.close()
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: now
         pool.terminate()
         raise
     finally:
