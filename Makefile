@@ -47,6 +47,9 @@ IGNORE_ON_CURRENT += $(addprefix --deselect=,$(DESELECT_ON_CURRENT))
 # test_convert.py makes on this leg; what they add is a real checkpoint, whose fixture the stable venv builds
 # (it has the real-model extra)
 IGNORE_ON_CURRENT += --ignore=tests/test_real_model.py
+# ... and the step-0 check on it (test_init_check.py, ~1-1.5 min): its megatron-core calls are the trainer's build,
+# init_from load and forward-only schedule, which test_trainer.py makes on this leg (it passed on 0.19.2 when added)
+IGNORE_ON_CURRENT += --ignore=tests/test_init_check.py
 # more pytest flags for either leg, e.g. PYTEST_ARGS="--durations=20" or PYTEST_ARGS="-k compat"
 PYTEST_ARGS ?=
 

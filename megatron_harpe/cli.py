@@ -7,6 +7,7 @@
 | 2    | bad input: config, flags, files, checkpoints (missing, truncated, corrupt, another model) | one paragraph naming the input and the fix; a traceback only with --debug or HARPE_DEBUG=1 |
 | 3    | harpe-train: non-finite loss; the last good checkpoint is kept | the reason |
 | 4    | no space or quota left for an output (ENOSPC, EDQUOT); the partial output is removed, the previous one kept; retrying does not help until space is freed | one paragraph: the path, the bytes needed, the bytes free |
+| 5    | a check found a fault (harpe-train --check-init: the run's step-0 loss is not the reference's); nothing written | the check's table and one line saying what differs |
 | 75   | harpe-train: stopped on a signal after checkpointing; requeue it (EX_TEMPFAIL) | the reason |
 | 130  | interrupted (Ctrl-C, SIGTERM in the data tools); no output left behind | one line |
 
@@ -34,6 +35,7 @@ EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE_LOSS = 3
 EXIT_NO_SPACE = 4
+EXIT_CHECK_FAILED = 5
 EXIT_REQUEUE = 75
 EXIT_INTERRUPTED = 130
 

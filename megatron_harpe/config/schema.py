@@ -77,6 +77,10 @@ class DataConfig:
     global_batch_size: int = 8
     tokenizer_type: Optional[str] = None  # sentencepiece | huggingface
     tokenizer_model: Optional[str] = None
+    # the end-of-document token the data was made with (harpe-preprocess --eod-token), read by document_mask and
+    # eod_mask_loss; None = the tokenizer's EOS, harpe-preprocess's default. Chat models' EOS ends a turn, not a
+    # document: SmolLM2-Instruct's data is separated by '<|endoftext|>', Llama-3-Instruct's by '<|end_of_text|>'
+    eod_token: Optional[str] = None
     cache_dir: Optional[str] = None  # GPTDataset index cache; None = <run_dir>/data_cache
     reset_position_ids: bool = False  # GPTDataset's position_ids restart after EOD; RoPE models read positions
     #   from the sequence, not position_ids, so this needs document_mask (validate.py refuses it alone)

@@ -117,6 +117,9 @@ def _validate_data(cfg: Config) -> None:
                                       f"harpe-preprocess --output-prefix ... (prefixes omit .bin/.idx)")
     if d.tokenizer_model is not None and not Path(d.tokenizer_model).exists():
         raise ConfigError(f"data.tokenizer_model: {d.tokenizer_model} does not exist")
+    if d.eod_token is not None and d.tokenizer_model is None:
+        raise ConfigError(f"data.eod_token {d.eod_token!r} names a token of the tokenizer: set data.tokenizer_model "
+                          f"too (the tokenizer the data was made with)")
     if d.document_mask and (d.kind != "indexed" or d.tokenizer_model is None):
         raise ConfigError("data.document_mask needs documents and their end-of-document (EOD) token: set "
                           "data.kind=indexed with data.blend and data.tokenizer_model (the mock source has no "

@@ -28,7 +28,7 @@ import numpy as np
 
 from megatron_harpe.data.inputs import DataError
 
-__all__ = ["IndexedDatasetWriter", "DTYPE_CODES", "read_index", "check_indexed_dataset",
+__all__ = ["IndexedDatasetWriter", "DTYPE_CODES", "read_index", "check_indexed_dataset", "last_tokens",
            "remove_incomplete"]
 
 _HEADER = b"MMIDIDX\x00\x00"
@@ -169,6 +169,20 @@ def check_indexed_dataset(prefix: str) -> dict:
         raise DataError(f"{prefix}.idx: document indices are not a partition of the sequences (corrupt index)")
     return {"sequences": int(lengths.size), "documents": int(d.size - 1), "tokens": total,
             "dtype": str(idx["dtype"])}
+
+
+def last_tokens(prefix: str, limit: int = 1024) -> np.ndarray:
+    """The last token of each of the first `limit` documents of ``<prefix>`` (int64): the end-of-document
+    token they were written with when harpe-preprocess had --append-eod, else their text's last token."""
+    idx = read_index(prefix)
+    starts = idx["document_indices"][1:limit + 1]  # a document ends where the next one starts
+    ends = starts[idx["sequence_lengths"][starts - 1] > 0] - 1  # the last sequence of each (empty ones skipped)
+    if ends.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    dtype = idx["dtype"]
+    data = np.memmap(prefix + ".bin", mode="r", dtype=dtype)
+    offsets = idx["sequence_pointers"][ends] // dtype.itemsize + idx["sequence_lengths"][ends] - 1
+    return data[offsets].astype(np.int64)
 
 
 def remove_incomplete(prefix: str) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -202,6 +203,9 @@ def preprocess(args) -> dict:
                          settings=DATA_TOOL_SETTINGS)
     if args.prepend_bos and tok.bos is None:
         raise DataError(f"--prepend-bos: the tokenizer {args.tokenizer_model} has no BOS token")
+    note = separator_note(tok, args.append_eod, args.eod_token)
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     dtype = token_dtype(tok.vocab_size)
     prefixes = output_paths(args.output_prefix, keys)
     tally = Tally(files, args.skip_bad_lines, keys)
@@ -224,10 +228,25 @@ def preprocess(args) -> dict:
     return summary
 
 
-def train_hint(prefix: str, tokenizer_model: str) -> str:
+def train_hint(prefix: str, tokenizer_model: str, eod_token: str | None = None) -> str:
     """How harpe-train reads a dataset (config keys; harpe-train has no --data-path)."""
+    eod = "" if eod_token is None else " " + shlex.quote(f"data.eod_token={eod_token}")
     return (f"train on it with: harpe-train --config CONFIG.yaml data.kind=indexed 'data.blend=[{prefix}]' "
-            f"data.tokenizer_model={tokenizer_model}")
+            f"data.tokenizer_model={tokenizer_model}{eod}")
+
+
+def separator_note(tok, append_eod: bool, eod_token: str | None) -> str | None:
+    """A chat model's EOS ends a turn, not a document: said (not changed: the default stays the tokenizer's EOS,
+    as in Megatron-LM's tool) when --append-eod would separate pretraining text with it."""
+    document_end = getattr(tok, "document_end", None)
+    if not append_eod or eod_token is not None or document_end is None:
+        return None
+    name, token_id = document_end
+    eos = tok.id_to_token(tok.eod)
+    return (f"note: the tokenizer's EOS {eos!r} ({tok.eod}) ends a chat turn; this model's pretraining text "
+            f"separates documents with {name!r} ({token_id}). For continual pretraining pass --eod-token '{name}' "
+            f"(and data.eod_token: '{name}' in the harpe-train config); this run writes {eos!r} (the default, as "
+            f"Megatron-LM's tool does)")
 
 
 def format_summary(s: dict) -> str:
@@ -263,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     for k, prefix in summary["outputs"].items():
         print(f"{PROG}: wrote {prefix}.bin/.idx (key {k!r})", file=sys.stderr)
-    print(f"{PROG}: {train_hint(next(iter(summary['outputs'].values())), args.tokenizer_model)}", file=sys.stderr)
+    print(f"{PROG}: {train_hint(next(iter(summary['outputs'].values())), args.tokenizer_model, args.eod_token)}",
+          file=sys.stderr)
     print(format_summary(summary))
     return 0
 

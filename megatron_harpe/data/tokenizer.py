@@ -41,6 +41,10 @@ _TYPE_ALIASES = {
 _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eos|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "<|startoftext|>", "[CLS]")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+#: chat models' end-of-turn tokens: an EOS of these ends a turn, not a document of pretraining text
+_CHAT_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+#: what such a model's pretraining text separates documents with (SmolLM2, Qwen: the first; Llama-3: the second)
+_DOCUMENT_ENDS = ("<|endoftext|>", "<|end_of_text|>")
 
 
 class TokenizerError(InputError):
@@ -72,6 +76,7 @@ class Tokenizer:
     eod: int = -1
     bos: int | None = None
     pad_id: int | None = None
+    document_end: tuple[str, int] | None = None  # set when the EOS is a chat end-of-turn token (HF tokenizers)
 
     # --- the interface
     def encode(self, text: str) -> list[int]:
@@ -436,6 +441,11 @@ class HuggingFaceTokenizer(Tokenizer):
                                      f"tokenizer_config.json and none of {list(_EOS_NAMES)}; "
                                      f"name the end-of-document token with {names['eod']}")
         self.eod = int(eod)
+        #: (token, id) that separates this model's pretraining documents when its EOS is a chat end-of-turn token
+        #: (harpe-preprocess says so; it does not change the EOD: data/preprocess.py separator_note)
+        self.document_end = None
+        if eod_token is None and self._tok.id_to_token(self.eod) in _CHAT_TURN_ENDS:
+            self.document_end = next(((n, lookup(n)) for n in _DOCUMENT_ENDS if lookup(n) is not None), None)
         bos = lookup(special.get("bos_token"))
         self.bos = bos if bos is not None else first(_BOS_NAMES)
         pad = lookup(special.get("pad_token"))

@@ -565,7 +565,7 @@ def _tokenizer_eod(data) -> Optional[int]:
         return None
     from megatron_harpe.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(data.tokenizer_type, data.tokenizer_model).eod_id
+    return load_tokenizer(data.tokenizer_type, data.tokenizer_model, eod_token=data.eod_token).eod_id
 
 
 def _flops_per_token(stage: Stage) -> float:
