@@ -103,6 +103,12 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
+def directory_bytes(path: str | os.PathLike) -> int:
+    """The bytes of the files under `path` (0 when it does not exist): what a checkpoint takes on disk."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
 def human_bytes(n: int | float) -> str:
     """1,651,092 -> '1.57 MiB': sizes in messages an operator compares with `df -h`."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):

@@ -33,7 +33,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron_harpe.cli import InputError, NoSpaceError
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.position_record import RECORD_KEY, position_record, verify_position_record
-from megatron_harpe.files import free_bytes, human_bytes, out_of_space, publish, staging_path
+from megatron_harpe.files import directory_bytes, free_bytes, human_bytes, out_of_space, publish, staging_path
 from megatron_harpe.models.unwrap import unwrap_model
 
 
@@ -153,7 +153,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _share(value: Any) -> Any:
+def share_from_rank0(value: Any) -> Any:
     """Rank 0's `value` on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value
@@ -178,7 +178,7 @@ def _no_space_message(directory: Path, needed: int, free: Optional[int], when: s
 def _refuse_without_space(directory: Path, needed: int) -> None:
     """Before writing anything: a save the filesystem says cannot fit is refused (exit 4) instead of filling
     the disk and failing halfway."""
-    free = _share(free_bytes(directory.parent) if _rank() == 0 else None)
+    free = share_from_rank0(free_bytes(directory.parent) if _rank() == 0 else None)
     if free is not None and free < needed:
         raise NoSpaceError(_no_space_message(directory, needed, free, "checked before writing"))
 
@@ -191,7 +191,7 @@ def _raise_if_any_failed(failure: Optional[BaseException], staging: Path, direct
     if flag.item() == 0:
         return
     free_before = free_bytes(staging) if staging.exists() else free_bytes(directory.parent)
-    written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()) if staging.exists() else 0
+    written = directory_bytes(staging)
     last_line = (str(failure).strip().splitlines() or [""])[-1][:300] if failure is not None else ""
     described = f"{type(failure).__name__}: {last_line}".rstrip(": ") if failure is not None else None
     space = out_of_space(failure) or (free_before is not None and free_before < needed)
@@ -204,7 +204,7 @@ def _raise_if_any_failed(failure: Optional[BaseException], staging: Path, direct
     _barrier()
     errors = sorted({r[0] for r in reports if r[0]})
     if any(r[1] for r in reports):
-        free = _share(free_bytes(directory.parent) if _rank() == 0 else None)
+        free = share_from_rank0(free_bytes(directory.parent) if _rank() == 0 else None)
         # ranks see one filesystem (a shared one, or each its own): the largest view of what the write had
         available = max((r[2] + r[3] for r in reports if r[3] is not None), default=None)
         raise NoSpaceError(_no_space_message(directory, needed, free, "the write failed: " + "; ".join(errors),

@@ -28,10 +28,11 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron_harpe import compat
 from megatron_harpe.cli import InputError, NoSpaceError
 from megatron_harpe.config.model import ModelConfig
-from megatron_harpe.files import INCOMPLETE_SUFFIX, atomic_write_text, free_bytes, human_bytes, out_of_space
+from megatron_harpe.files import (INCOMPLETE_SUFFIX, atomic_write_text, directory_bytes, free_bytes, human_bytes,
+                                  out_of_space)
 from megatron_harpe.models.checkpoint import (CheckpointError, load_model, load_model_state, model_sharded_state,
                                               read_checkpoint,
-                                              read_common_state, write_checkpoint)
+                                              read_common_state, share_from_rank0, write_checkpoint)
 
 LATEST = "latest"
 
@@ -55,10 +56,6 @@ def latest_checkpoint(directory: str | Path) -> Optional[Path]:
 SKIPPED = "skipped"  # complete checkpoints newer than `latest`, moved aside at resume (tidy_checkpoint_dir)
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def tidy_checkpoint_dir(directory: str | Path) -> List[str]:
     """Rank 0, before resuming: clear what an interrupted save left; returns one line per thing done.
 
@@ -79,7 +76,7 @@ def tidy_checkpoint_dir(directory: str | Path) -> List[str]:
             old.rename(final)
             notes.append(f"restored {final.name} from {old.name} (a replacement of it was interrupted)")
     for partial in sorted(directory.glob(f".iter_*{INCOMPLETE_SUFFIX}")):
-        size = _size(partial)
+        size = directory_bytes(partial)
         shutil.rmtree(partial, ignore_errors=True)
         notes.append(f"removed the partial checkpoint {partial.name} ({size / 2**20:.1f} MiB; a save that did not "
                      f"finish)")
@@ -147,7 +144,7 @@ def save_checkpoint(directory: str | Path, iteration: int, *, chunks: List[torch
             _prune(directory, keep_last)
         except OSError as err:
             error = (out_of_space(err), f"{type(err).__name__}: {err}")
-    error = _from_rank0(error)
+    error = share_from_rank0(error)
     if error is not None:  # every rank says it, none waits for rank 0 in a barrier
         space, text = error
         message = (f"checkpoint {final} was written but '{LATEST}' could not be updated ({text}); it still names "
@@ -156,23 +153,16 @@ def save_checkpoint(directory: str | Path, iteration: int, *, chunks: List[torch
     return final
 
 
-def _from_rank0(value):
-    holder = [value]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def _previous_size(directory: Path) -> int:
     """Bytes of the newest complete checkpoint (rank 0 reads, all get it): what the next one will need."""
     size = 0
     if dist.get_rank() == 0:
         try:
             latest = latest_checkpoint(directory)
-            size = _size(latest) if latest is not None else 0
+            size = directory_bytes(latest) if latest is not None else 0
         except (OSError, FileNotFoundError):
             size = 0
-    return _from_rank0(size)
+    return share_from_rank0(size)
 
 
 def space_warning(directory: str | Path, saved: Path) -> Optional[str]:
@@ -181,7 +171,7 @@ def space_warning(directory: str | Path, saved: Path) -> Optional[str]:
     free = free_bytes(directory)
     if free is None:
         return None
-    size = _size(saved)
+    size = directory_bytes(saved)
     if free >= size:
         return None
     return (f"low disk space: {human_bytes(free)} free on the filesystem of {directory}, the next checkpoint "

@@ -121,6 +121,7 @@ class Trainer:
         self.iteration = 0
         self.tidy_notes: List[str] = []
         self.resumed_from: Optional[Path] = None
+        self._first_batches = None  # (iteration, batches) read and checked in _prepare
         self.nonfinite = NonfinitePolicy(cfg.training.on_nonfinite, cfg.training.max_skipped_iterations)
 
     # ------------------------------------------------------------------ building
@@ -329,7 +330,7 @@ class Trainer:
             stage = stage_at(self.stages, iteration)
             data = self._data_for(stage)
             if iteration < self.total_iterations:  # data of another vocabulary: refused before anything is written
-                self._checked_batches(data, stage, iteration)
+                self._first_batches = (iteration, self._checked_batches(data, stage, iteration))
             return iteration, data
         except InputError:
             if not existed and self.rank == 0:
@@ -398,7 +399,8 @@ class Trainer:
                 logger.log_event(f"stage {stage.index} ({stage.name}) begins at iteration {iteration}: "
                                  f"seq_length {stage.seq_length}, {stage.model_cfg.position.describe()}")
             started = time.perf_counter()
-            batches = self._checked_batches(data, stage, iteration)
+            first, self._first_batches = self._first_batches, None  # (checked in _prepare: not read twice)
+            batches = first[1] if first and first[0] == iteration else self._checked_batches(data, stage, iteration)
             self.iteration = iteration
             with profiler.iteration(iteration):  # logging.profile: a trace of its iterations
                 loss, grad_norm, verdict = self.train_step(stage, batches)
