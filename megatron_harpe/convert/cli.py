@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser_.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         parser_.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser_.add_argument("--verify", action="store_true",
-                             help="load the result with transformers and report the max logit difference")
+                             help="load the result with transformers and report the max logit difference (builds the whole "
+                                  "model in memory, unlike the conversion itself, which streams)")
         parser_.add_argument("--verbose", action="store_true", help="show upstream warnings too")
         parser_.add_argument("--debug", action="store_true", help="tracebacks for bad-input errors too")
     return parser

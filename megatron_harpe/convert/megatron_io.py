@@ -1,10 +1,12 @@
-"""The megatron side of the converters: a one-process world, the full model, checkpoints.
+"""The megatron side of the converters: a one-process world, the model, checkpoints.
 
-Why build the model at TP=1/PP=1 in one process: the weights are copied into (or read out of)
-the project's own megatron-core model, built by the same provider the trainer uses, so the
-parameter names, shapes and the checkpoint's sharded keys are by construction those the
-trainer expects; megatron-core's `torch_dist` format then reshards on load into whatever
-TP/PP layout a run uses. No layout-specific file writing exists here to get wrong.
+Why build the model at TP=1/PP=1 in one process: the parameter names, shapes and the
+checkpoint's sharded keys are then those of the project's own megatron-core model, built by the
+same provider the trainer uses, so by construction those the trainer expects; megatron-core's
+`torch_dist` format reshards on load into whatever TP/PP layout a run uses. No layout-specific
+file writing exists here to get wrong. The converters build it on the meta device
+(`build_meta_model`: the layout without the weights) and move the weights one tensor or one layer
+at a time (streaming_writer.py, streaming_reader.py); `build_full_model` is for --verify and tests.
 
 Which checkpoints `megatron-to-hf` reads (`locate_checkpoint`):
 - a torch_dist directory (it has `metadata.json`): `harpe-convert hf-to-megatron` output,
@@ -101,6 +103,18 @@ def build_full_model(model_cfg: ModelConfig, dtype: torch.dtype):
     config = build_transformer_config(model_cfg, params_dtype=dtype, perform_initialization=False)
     model = build_model(model_cfg, config, parallel_output=False)
     return model.eval()
+
+
+def build_meta_model(model_cfg: ModelConfig, dtype: torch.dtype):
+    """The whole model (TP=1, PP=1) with its parameters on the meta device: the same names, shapes
+    and sharded checkpoint keys as build_full_model's, without memory for the weights.
+
+    The streaming converters read the checkpoint layout from it (streaming_writer, streaming_reader).
+    Tensors that a module creates on an explicit device (the norms' weights: one vector each)
+    are real but never read.
+    """
+    with torch.device("meta"):
+        return build_full_model(model_cfg, dtype)
 
 
 def megatron_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

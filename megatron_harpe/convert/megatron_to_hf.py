@@ -3,9 +3,12 @@
     convert_megatron_to_hf("runs/harpe/checkpoints", "hf/llama2-7b-harpe-128k")
 
 `load` may be a converted checkpoint, a trainer checkpoint directory (its `latest`), one
-`iter_XXXXXXX/`, or a run directory (see megatron_io). The model is rebuilt at TP=1/PP=1 (any
-saved layout loads: torch_dist reshards), its full state dict is mapped to HF names
-(mapping.py) and written as safetensors shards.
+`iter_XXXXXXX/`, or a run directory (see megatron_io). The weights are read at TP=1/PP=1 one
+transformer layer at a time (streaming_reader.py; any saved layout loads: torch_dist reshards),
+mapped to HF names (mapping.py) and each HF tensor is written into its place in its safetensors
+shard as it comes (hf_checkpoint.write_safetensors with the layout planned from a meta-device
+model), so memory holds about one layer, whatever the model's size. `verify=True` builds and
+loads the whole model to compare logits with transformers: an opt-in check that needs the memory.
 
 - rope / ABF / PI / YaRN models: a stock `LlamaForCausalLM` config.json carrying both the legacy
   `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters`.
@@ -33,8 +36,9 @@ from megatron_harpe.convert.hf_checkpoint import parse_size, write_safetensors
 from megatron_harpe.convert.hf_config import check_exportable, hf_config_dict
 from megatron_harpe.convert.mapping import hf_tensors
 from megatron_harpe.convert.megatron_io import (CONVERSION_KEY, HF_SOURCE_DIR, MegatronCheckpoint, build_full_model,
-                                                dtype_name, locate_checkpoint, megatron_logits, open_checkpoint,
-                                                parse_dtype, single_process_world, stored_dtype)
+                                                build_meta_model, dtype_name, locate_checkpoint, megatron_logits,
+                                                open_checkpoint, parse_dtype, single_process_world, stored_dtype)
+from megatron_harpe.convert.streaming_reader import CheckpointTensors
 from megatron_harpe.convert.summary import ConversionSummary, progress, staging_dir
 from megatron_harpe.files import publish
 from megatron_harpe.convert.tokenizer_files import TokenizerInfo, is_tokenizer_dir, write_hf_tokenizer
@@ -118,16 +122,17 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, tokenizer: Opti
     extra: Dict[str, Any] = {}
     try:
         with single_process_world():
-            from megatron_harpe.models.checkpoint import load_model
-
             saved_dtype = stored_dtype(ckpt.path)
             out_dtype = out_dtype or saved_dtype
-            model = build_full_model(model_cfg, saved_dtype)
-            load_model([model], model_cfg, ckpt.path)  # also checks the position record
-            full = {name: param.detach() for name, param in model.named_parameters()}
-            count = 2 + 9 * model_cfg.num_layers + (0 if model_cfg.tie_embeddings else 1)
-            stats = write_safetensors(progress(hf_tensors(full, model_cfg, true_vocab), count, "megatron -> hf",
-                                               show_progress), staging, max_bytes, dtype=out_dtype)
+            meta = build_meta_model(model_cfg, saved_dtype)
+            # also checks the position record, the shard files and the shapes, before any weight is read
+            weights = CheckpointTensors(ckpt.path, meta, saved_dtype, model_cfg)
+            layout = [(name, tuple(t.shape), out_dtype)
+                      for name, t in hf_tensors(dict(meta.named_parameters()), model_cfg, true_vocab)]
+            stats = write_safetensors(progress(hf_tensors(weights, model_cfg, true_vocab), len(layout),
+                                               "megatron -> hf", show_progress),
+                                      staging, max_bytes, dtype=out_dtype, layout=layout)
+            weights.release()
             info = _write_tokenizer(_tokenizer_source(chain, ckpt, tokenizer), staging, model_cfg)
             token_ids = _token_ids(info, origin)
             hf_config = hf_config_dict(model_cfg, vocab_size=true_vocab, dtype_name=dtype_name(out_dtype),
@@ -139,7 +144,11 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, tokenizer: Opti
 
                 for name in HF_MODELING_FILES:
                     shutil.copy2(HF_MODELING_DIR / name, staging / name)
-            if verify:
+            if verify:  # the one step that holds the whole model: an explicit opt-in check
+                from megatron_harpe.models.checkpoint import load_model
+
+                model = build_full_model(model_cfg, saved_dtype)
+                load_model([model], model_cfg, ckpt.path)
                 diff = verify_export(model, staging, true_vocab, show_progress=show_progress)
                 extra["max |logit diff| HF vs megatron"] = f"{diff:.3g}"
         if info is None:

@@ -80,13 +80,16 @@ def load_model_state(chunks: Sequence[torch.nn.Module], loaded: Mapping[str, Any
 
 def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any], model_cfg: ModelConfig, *,
                      common: Optional[Dict[str, Any]] = None, side_files: Optional[Dict[str, str]] = None,
-                     content_metadata: Optional[Dict[str, Any]] = None, size_hint: int = 0) -> Path:
+                     content_metadata: Optional[Dict[str, Any]] = None, size_hint: int = 0,
+                     sharded_strategy: Any = None) -> Path:
     """Save a torch_dist checkpoint to `directory` (collective: every rank calls it).
 
     `sharded_state` is what megatron-core saves (model chunks, optimizer, ...); `common` is
     plain data readable without loading tensors; `side_files` ({name: text}) are written by
     rank 0 into the directory (e.g. the run's config.yaml). `size_hint`: the bytes a checkpoint
     like this took before (the free-space check takes the larger of it and the estimate).
+    `sharded_strategy`: megatron-core's save strategy for the tensors (default: its own torch_dist
+    writer); the converter passes one that makes each tensor just before it is written.
 
     Failures are collective: a rank whose write failed (megatron-core reports other ranks' write
     failures on rank 0 only, and the others would wait for it forever) is known to every rank, the
@@ -102,7 +105,8 @@ def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any]
     state = dict(sharded_state)
     state[RECORD_KEY] = position_record(model_cfg)
     state.update(common or {})
-    failure = _attempt(lambda: dist_checkpointing.save(state, str(staging), content_metadata=content_metadata))
+    failure = _attempt(lambda: dist_checkpointing.save(state, str(staging), sharded_strategy=sharded_strategy,
+                                                                 content_metadata=content_metadata))
     _raise_if_any_failed(failure, staging, directory, needed)
 
     def finish():
@@ -307,9 +311,10 @@ def read_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any],
 
 
 def save_model(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig, directory: str | os.PathLike,
-               extra_common: Optional[Dict[str, Any]] = None) -> Path:
-    """Save every rank's model chunks (weights only) into `directory` (collective)."""
-    return write_checkpoint(directory, model_sharded_state(chunks), model_cfg, common=extra_common)
+               extra_common: Optional[Dict[str, Any]] = None, sharded_strategy: Any = None) -> Path:
+    """Save every rank's model chunks (weights only) into `directory` (collective); see write_checkpoint."""
+    return write_checkpoint(directory, model_sharded_state(chunks), model_cfg, common=extra_common,
+                            sharded_strategy=sharded_strategy)
 
 
 def load_model(chunks: List[torch.nn.Module], model_cfg: Optional[ModelConfig],

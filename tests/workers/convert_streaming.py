@@ -1,0 +1,62 @@
+"""Worker (4 gloo ranks): a streamed hf-to-megatron checkpoint loaded into parallel layouts and saved from them.
+
+Each layout loads the checkpoint with the trainer's own `init_from` loader
+(training/checkpointing.load_weights_only) and saves its weights with the trainer's checkpoint
+writer (models/checkpoint.save_model), so the pytest side can export each saved layout with the
+streaming reader and compare every tensor with the Hugging Face source, bit for bit:
+tp2_pp2 (TP=2 x PP=2), tp2 (TP=2, DP=2), pp2 (PP=2, DP=2).
+
+Usage (under torchrun): convert_streaming.py --out DIR --ckpt CKPT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from megatron_harpe.backends import setup_backend
+
+setup_backend()
+
+import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+
+from megatron_harpe.convert.megatron_io import CONVERSION_KEY, MODEL_KEY, open_checkpoint  # noqa: E402
+from megatron_harpe.models.checkpoint import read_common_state, save_model  # noqa: E402
+from megatron_harpe.models.provider import build_model  # noqa: E402
+from megatron_harpe.models.transformer_config import build_transformer_config  # noqa: E402
+from megatron_harpe.training.checkpointing import load_weights_only  # noqa: E402
+
+LAYOUTS = {"tp2_pp2": (2, 2), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    common = read_common_state(args.ckpt)
+    extra = {k: common[k] for k in (MODEL_KEY, CONVERSION_KEY) if k in common}
+    verdict = {}
+    for name, (tp, pp) in LAYOUTS.items():
+        ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        model_parallel_cuda_manual_seed(1234)
+        cfg = open_checkpoint(args.ckpt).model_cfg
+        config = build_transformer_config(cfg, tensor_parallel=tp, pipeline_parallel=pp)
+        model = build_model(cfg, config, pre_process=ps.is_pipeline_first_stage(),
+                            post_process=ps.is_pipeline_last_stage(), parallel_output=False).eval()
+        load_weights_only(args.ckpt, [model])
+        verdict[name] = {"local_layers": len(model.decoder.layers),
+                         "qkv_rows": model.decoder.layers[0].self_attention.linear_qkv.weight.shape[0]}
+        save_model([model], cfg, os.path.join(args.out, name), extra_common=extra)
+    with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(verdict, f)
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
