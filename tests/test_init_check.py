@@ -20,10 +20,8 @@ run's first forward at 128 tokens against transformers' loss on the same tokens:
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import pydoc
 import re
 import subprocess
 import sys
@@ -31,30 +29,13 @@ from pathlib import Path
 
 import pytest
 
+from megatron_harpe.data.pydoc_text import pydoc_documents
 from tests.test_real_model import convert, smollm2  # noqa: F401 - the session's real-model fixture
 from tests.launch import REPO_ROOT, free_port, run_workers
 
 SEQ = 128
 SEPARATOR = "<|endoftext|>"
 BASES = [1e5, 5e5, 2e6]  # HARPE: the model's own base on one K/V group, larger ones on the others
-MODULES = ("json", "textwrap", "shlex", "fnmatch", "heapq", "bisect", "base64", "string")
-
-
-def pydoc_documents(modules=MODULES, chars: int = 300) -> list[str]:
-    """Real English text offline: each module's pydoc, cut into documents of whole paragraphs (>= `chars`)."""
-    documents = []
-    for name in modules:
-        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
-        current: list[str] = []
-        for paragraph in (p.strip() for p in text.split("\n\n")):
-            if paragraph:
-                current.append(paragraph)
-            if sum(map(len, current)) >= chars:
-                documents.append("\n\n".join(current))
-                current = []
-        if current:
-            documents.append("\n\n".join(current))
-    return documents
 
 
 @pytest.fixture(scope="module")

@@ -137,11 +137,11 @@ def test_paper_search_and_file_strategies_resolve(tmp_path):
 
 def test_saved_config_holds_the_list_and_reloads_identically(tmp_path):
     cfg = load_config(EXAMPLES / "demo_harpe.yaml", ["data.kind=mock"])
-    assert cfg.model.position.bases == uniform_bases(1e4, 5e5, 2)
+    assert cfg.model.position.bases == uniform_bases(1e4, 1e5, 4)
     saved = tmp_path / "config.yaml"
     saved.write_text(dump_config(cfg))
     position = yaml.safe_load(saved.read_text())["model"]["position"]
-    assert position["bases"] == [10000.0, 500000.0] and position["base_strategy"] == "uniform"
+    assert position["bases"] == [10000.0, 40000.0, 70000.0, 100000.0] and position["base_strategy"] == "uniform"
     assert load_config(saved) == cfg
 
 
@@ -211,7 +211,8 @@ def test_every_example_config_loads_and_validates(example):
     no passkey probes, which need the tokenizer)."""
     from megatron_harpe.config.validate import validate_config
 
-    cfg = load_config(EXAMPLES / example, ["data.kind=mock", "data.tokenizer_model=null", "training.init_from=null",
+    cfg = load_config(EXAMPLES / example, ["data.kind=mock", "data.tokenizer_model=null", "data.eod_token=null",
+                                           "training.init_from=null",
                                            "training.probe.lengths=[]"])
     p = cfg.parallel
     validate_config(cfg, world_size=p.tensor * p.pipeline * p.context * 2)

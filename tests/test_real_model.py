@@ -240,3 +240,18 @@ def test_exported_tokenizer_keeps_its_special_tokens(smollm2, export, request):
     ours, theirs = load_tokenizer("huggingface", str(out)), load_tokenizer("huggingface", str(smollm2))
     assert (ours.bos, ours.eod, ours.pad_id, ours.vocab_size) == (theirs.bos, theirs.eod, theirs.pad_id, 49152)
     assert ours.encode(TEXT) == original(TEXT, add_special_tokens=False)["input_ids"]
+
+
+def test_harpe_eval_passkey_at_1k_retrieves_most_keys_on_the_original_model(smollm2, tmp_path):
+    """A real pretrained model through harpe-eval's passkey task: the prompts, the chat-free greedy generation and
+    the exact-match scoring work on a byte-BPE tokenizer that adds no BOS. Measured: 80% at 1k (every key at depths
+    0-75%; at 100% the model echoes "the pass key" instead); 60% is the issue's bar, so a broken prompt (0%) or
+    a lucky parse cannot pass."""
+    from megatron_harpe.evaluation.cli import main as harpe_eval
+
+    out = tmp_path / "passkey"
+    assert harpe_eval(["passkey", "--model", str(smollm2), "--device", "cpu", "--lengths", "1k",
+                       "--depths", "0,25,50,75,100", "--samples", "2", "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["samples"][depth]["1024"] for depth in summary["samples"]) == 10
+    assert summary["per_length"]["1024"] >= 60.0, summary["grid"]
