@@ -89,6 +89,10 @@ KNOWN_LOG_MESSAGES: Tuple[Tuple[str, str, str], ...] = (
     ("megatron.core.dist_checkpointing.strategies.torch", r"MCore's async save is deprecated",
      "megatron-core 0.19 logs it from its SYNCHRONOUS save too (the sync path calls async_save with "
      "async_strategy='mcore'); this project saves synchronously (docs/architecture.md, 'Checkpoint saving')"),
+    ("megatron.core.dist_checkpointing.strategies.common", r"(load|save)_common is deprecated",
+     "megatron-core 0.19 logs it whenever it reads or writes a torch_dist checkpoint's common.pt (checkpoints "
+     "written by 0.16 have one), once per load: megatron-to-hf loads a layer at a time, so it said it 33 times "
+     "for SmolLM2; the file is read and written as before"),
     ("megatron.core.distributed.distributed_data_parallel", r"full_param_layout not provided",
      "megatron-core 0.19's DDP computes the distributed optimizer's parameter layout itself when not handed one; "
      "the same layout, nothing to do"),
