@@ -34,32 +34,10 @@ from megatron_harpe.convert.megatron_io import (build_full_model, megatron_logit
 from megatron_harpe.convert.tokenizer_files import write_hf_tokenizer  # noqa: E402
 from megatron_harpe.config.model import PositionEmbeddingConfig  # noqa: E402
 from tests.data_fixtures import *  # noqa: E402,F401,F403
+from tests.hf_models import VOCAB, hf_state, tiny_llama  # noqa: E402
 from tests.launch import run_workers  # noqa: E402
 
-VOCAB = 1000
 HARPE_BASES = [10000.0, 100_000.0, 1_000_000.0, 10_000_000.0]  # one per K/V group of hf_gqa
-
-
-def tiny_llama(directory: Path, *, dtype=torch.float32, tie=False, seed=0, shard="60KB", **overrides) -> Path:
-    torch.manual_seed(seed)
-    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                  tie_word_embeddings=tie)
-    kwargs.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
-    with torch.no_grad():  # RMSNorm weights are ones at init; make them informative
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(directory, max_shard_size=shard)
-    return directory
-
-
-def hf_state(directory: Path) -> dict:
-    state = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        state.update(safetensors_torch.load_file(str(file)))
-    return state
 
 
 def ids(batch=2, seq=24, seed=1):

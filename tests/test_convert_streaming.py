@@ -27,7 +27,6 @@ setup_backend()
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from megatron_harpe.convert import convert_hf_to_megatron, convert_megatron_to_hf  # noqa: E402
 from megatron_harpe.convert.hf_checkpoint import HFCheckpoint  # noqa: E402
@@ -35,31 +34,16 @@ from megatron_harpe.convert.mapping import fuse_qkv, hf_tensors  # noqa: E402
 from megatron_harpe.convert.megatron_io import build_meta_model, open_checkpoint, single_process_world  # noqa: E402
 from megatron_harpe.convert.memory_probe import probe  # noqa: E402
 from megatron_harpe.convert.streaming_reader import CheckpointTensors  # noqa: E402
+from tests.hf_models import hf_state, tiny_llama  # noqa: E402
 from tests.launch import run_workers  # noqa: E402
 
 MB = 10**6
 
 
-def random_llama(directory: Path, *, layers: int, hidden: int = 64, ffn: int = 176, heads: int = 4, kv_heads: int = 2,
-                 vocab: int = 1000, tie: bool = False, dtype=torch.float32, shard: str = "60KB") -> Path:
-    torch.manual_seed(layers)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-                         tie_word_embeddings=tie)
-    model = LlamaForCausalLM(config).to(dtype)
-    with torch.no_grad():  # RMSNorm weights are ones at init; make them informative
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(directory, max_shard_size=shard)
-    return directory
-
-
-def hf_state(directory: Path) -> dict:
-    state = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        state.update(safetensors_torch.load_file(str(file)))
-    return state
+def random_llama(directory: Path, *, layers: int, hidden: int = 64, ffn: int = 176, vocab: int = 1000,
+                 tie: bool = False, dtype=torch.float32, shard: str = "60KB") -> Path:
+    return tiny_llama(directory, dtype=dtype, tie=tie, seed=layers, shard=shard, num_hidden_layers=layers,
+                      hidden_size=hidden, intermediate_size=ffn, vocab_size=vocab)
 
 
 def torch_dist_tensors(directory: Path) -> dict:

@@ -33,6 +33,7 @@ from megatron_harpe.convert.cli import main as harpe_convert  # noqa: E402
 from megatron_harpe.convert.fixtures import FixtureUnavailable, ensure_fixture  # noqa: E402
 from megatron_harpe.convert.hf_config import hf_rope_settings, model_config_from_hf  # noqa: E402
 from megatron_harpe.convert.hf_runtime import load_hf_causal_lm  # noqa: E402
+from tests.hf_models import hf_state  # noqa: E402
 from tests.launch import run_workers  # noqa: E402
 
 SEQ = 64
@@ -55,13 +56,6 @@ def smollm2() -> Path:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true and the real-model fixture is unavailable: {err}", pytrace=False)
         pytest.skip(f"real-model fixture unavailable: {err}")
-
-
-def hf_state(directory: Path) -> dict:
-    state = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        state.update(safetensors_torch.load_file(str(file)))
-    return state
 
 
 def convert(*argv) -> None:

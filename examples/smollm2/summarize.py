@@ -199,25 +199,24 @@ def _plots(out: Path, lengths, before, after, runs) -> List[str]:
                     color=colors[m], label=f"{LABELS[m]}, after training")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [f"{L // 1024}k" for L in lengths])
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("perplexity (held-out)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_by_length.png", dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, "tokens", "perplexity (held-out)", out / "ppl_by_length.png")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for m in METHODS:
         for i, recs in enumerate(runs[m]):
             curve = train_losses(recs)
             if curve:
                 ax.plot(*zip(*curve), color=colors[m], alpha=0.8, label=LABELS[m] if i == 0 else None)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (per logging interval)")
+    _finish(plt, fig, ax, "iteration", "training loss (per logging interval)", out / "during.png")
+    return ["ppl_by_length.png", "during.png"]
+
+
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "during.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return ["ppl_by_length.png", "during.png"]
 
 
 def main(argv=None) -> int:
