@@ -46,7 +46,9 @@ def load(ckpt: str, tp: int, pp: int):
     """This rank's stage of the converted model at TP=tp, PP=pp, loaded like training.init_from does."""
     set_layout(tp, pp)
     cfg = open_checkpoint(ckpt).model_cfg
-    tcfg = build_transformer_config(cfg, tensor_parallel=tp, pipeline_parallel=pp)
+    # no random initialisation: load_weights_only overwrites every parameter (it is strict), and a 135M model's
+    # init costs seconds per rank
+    tcfg = build_transformer_config(cfg, tensor_parallel=tp, pipeline_parallel=pp, perform_initialization=False)
     model = build_model(cfg, tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                         parallel_output=False).eval()
     load_weights_only(ckpt, [model])

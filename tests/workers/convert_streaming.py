@@ -20,13 +20,8 @@ setup_backend()
 
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 
-from megatron_harpe.convert.megatron_io import CONVERSION_KEY, MODEL_KEY, open_checkpoint  # noqa: E402
-from megatron_harpe.models.checkpoint import read_common_state, save_model  # noqa: E402
-from megatron_harpe.models.provider import build_model  # noqa: E402
-from megatron_harpe.models.transformer_config import build_transformer_config  # noqa: E402
-from megatron_harpe.training.checkpointing import load_weights_only  # noqa: E402
+from tests.workers.convert_parallel import load, save_from_layout  # noqa: E402
 
 LAYOUTS = {"tp2_pp2": (2, 2), "tp2": (2, 1), "pp2": (1, 2)}
 
@@ -37,21 +32,12 @@ def main():
     parser.add_argument("--ckpt", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
-    common = read_common_state(args.ckpt)
-    extra = {k: common[k] for k in (MODEL_KEY, CONVERSION_KEY) if k in common}
     verdict = {}
     for name, (tp, pp) in LAYOUTS.items():
-        ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        model_parallel_cuda_manual_seed(1234)
-        cfg = open_checkpoint(args.ckpt).model_cfg
-        config = build_transformer_config(cfg, tensor_parallel=tp, pipeline_parallel=pp)
-        model = build_model(cfg, config, pre_process=ps.is_pipeline_first_stage(),
-                            post_process=ps.is_pipeline_last_stage(), parallel_output=False).eval()
-        load_weights_only(args.ckpt, [model])
+        cfg, model = load(args.ckpt, tp, pp)
         verdict[name] = {"local_layers": len(model.decoder.layers),
                          "qkv_rows": model.decoder.layers[0].self_attention.linear_qkv.weight.shape[0]}
-        save_model([model], cfg, os.path.join(args.out, name), extra_common=extra)
+        save_from_layout(model, cfg, args.ckpt, os.path.join(args.out, name))
     with open(os.path.join(args.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(verdict, f)
     ps.destroy_model_parallel()

@@ -26,23 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from megatron_harpe.convert.megatron_io import open_checkpoint  # noqa: E402
-from megatron_harpe.models.provider import build_model  # noqa: E402
-from megatron_harpe.models.transformer_config import build_transformer_config  # noqa: E402
-from megatron_harpe.training.checkpointing import load_weights_only  # noqa: E402
-from tests.workers.convert_parallel import pipeline_logits, save_from_layout, set_layout  # noqa: E402
-
-
-def load(ckpt: str, tp: int, pp: int):
-    """convert_parallel.load without the random initialisation the checkpoint overwrites: with CPU initialisation
-    megatron-core draws every full weight on every rank before slicing it (~135M numbers a rank and layout here)."""
-    set_layout(tp, pp)
-    cfg = open_checkpoint(ckpt).model_cfg
-    tcfg = build_transformer_config(cfg, tensor_parallel=tp, pipeline_parallel=pp, perform_initialization=False)
-    model = build_model(cfg, tcfg, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                        parallel_output=False).eval()
-    load_weights_only(ckpt, [model])
-    return cfg, model
+from tests.workers.convert_parallel import load, pipeline_logits, save_from_layout, set_layout  # noqa: E402
 
 
 def main():
