@@ -66,6 +66,7 @@ setup(
             "harpe-sweep=megatron_harpe.sweeps.sweep:main",
             "harpe-plan=megatron_harpe.planning.cli:main",
             "harpe-fixture=megatron_harpe.convert.fixtures:main",
+            "harpe-preflight=megatron_harpe.preflight.cli:main",
         ]
     },
 )

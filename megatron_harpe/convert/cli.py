@@ -6,7 +6,8 @@
   harpe-convert megatron-to-hf --load runs/harpe/checkpoints --out hf/llama2-7b-harpe-128k
 
 Conversion runs in one process on CPU (no torchrun). Exit codes: 0 done, 2 bad input (the
-message names it and the fix). See docs/convert.md.
+message names it and the fix). Warnings (e.g. a checkpoint written on another software stack) go to
+stderr, one line each, and change no exit code. See docs/convert.md.
 """
 from __future__ import annotations
 
@@ -135,6 +136,8 @@ def _convert(args) -> int:
             max_shard_size=args.max_shard_size, vocab_size=args.vocab_size,
             max_position_embeddings=args.max_position_embeddings, overwrite=args.overwrite,
             show_progress=not args.no_progress, verify=args.verify)
+    for warning in summary.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     print(summary.line(), flush=True)
     return 0
 

@@ -20,6 +20,9 @@ Tokenizer files come from `--tokenizer`, else from the checkpoint's `hf_source/`
 hf-to-megatron; for trainer checkpoints, the one its run was initialised from), else from the
 run config's `data.tokenizer_model`. A vocabulary padded for TP on import is cut back to the HF
 size recorded then (or `vocab_size`).
+
+A checkpoint written on another software stack (torch, megatron-core, TE, ...: environment.py) is
+exported all the same, with a warning naming what changed (`ConversionSummary.warnings`).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from megatron_harpe.convert.megatron_io import (CONVERSION_KEY, HF_SOURCE_DIR, M
                                                 open_checkpoint, parse_dtype, single_process_world, stored_dtype)
 from megatron_harpe.convert.streaming_reader import CheckpointTensors
 from megatron_harpe.convert.summary import ConversionSummary, progress, staging_dir
+from megatron_harpe.environment import ENVIRONMENT_KEY, environment_changes, environment_record, environment_warning
 from megatron_harpe.files import publish
 from megatron_harpe.convert.tokenizer_files import TokenizerInfo, is_tokenizer_dir, write_hf_tokenizer
 
@@ -107,6 +111,7 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, tokenizer: Opti
     out = Path(out)
     ckpt = open_checkpoint(load, config)
     model_cfg = ckpt.model_cfg
+    stack_notes = stack_warnings(ckpt)
     if max_position_embeddings:
         model_cfg.max_position_embeddings = int(max_position_embeddings)
     check_exportable(model_cfg)
@@ -161,7 +166,17 @@ def convert_megatron_to_hf(load: str | Path, out: str | Path, *, tokenizer: Opti
         raise
     return ConversionSummary("megatron-to-hf", str(ckpt.path), str(out), parameters=stats["parameters"],
                              tensors=stats["tensors"], shards=stats["shards"], seconds=time.perf_counter() - started,
-                             dtype=dtype_name(out_dtype), position=model_cfg.position.describe(), extra=extra)
+                             dtype=dtype_name(out_dtype), position=model_cfg.position.describe(), extra=extra,
+                             warnings=stack_notes)
+
+
+def stack_warnings(ckpt: MegatronCheckpoint) -> List[str]:
+    """A line when the checkpoint was written on another software stack than this process's, else none."""
+    changes = environment_changes(ckpt.common.get(ENVIRONMENT_KEY), environment_record())
+    if not changes:
+        return []
+    return [environment_warning(f"checkpoint {ckpt.path}", changes, "the weights are exported as saved; the model's "
+                                "numerics on this stack (--verify, evaluation) may differ from the run's")]
 
 
 def _write_tokenizer(source: Optional[Path], staging: Path, model_cfg) -> Optional[TokenizerInfo]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_harpe.convert.errors import ConversionError
 from megatron_harpe.files import staging_path
@@ -22,6 +22,7 @@ class ConversionSummary:
     dtype: str = ""
     position: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)  # harpe-convert prints each on stderr; nothing failed
 
     def line(self) -> str:
         text = (f"harpe-convert {self.direction}: {self.parameters / 1e6:.2f}M parameters in {self.tensors} tensors, "

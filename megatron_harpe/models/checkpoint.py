@@ -5,6 +5,8 @@ The trainer's checkpoints (model + optimizer + RNG + scheduler), the converters'
 - A torch_dist checkpoint loads into any TP/PP layout (megatron-core reshards it).
 - It carries the position-encoding record (config/position_record.py), which the weights cannot
   tell; loading checks it unless the caller deliberately changes the encoding (init_from).
+- It carries the software stack that wrote it (environment.py: torch, megatron-core, TE, NCCL, GPU,
+  driver; rank 0's, under "environment"), so whoever reads it back can say what changed since.
 - It is written under a staging name and renamed into place when every rank has finished, so an
   interrupted save never looks like a complete checkpoint. A save that fails on any rank fails on
   every rank with one message and leaves no staging directory; lack of space (checked before
@@ -33,6 +35,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron_harpe.cli import InputError, NoSpaceError
 from megatron_harpe.config.model import ModelConfig
 from megatron_harpe.config.position_record import RECORD_KEY, position_record, verify_position_record
+from megatron_harpe.environment import ENVIRONMENT_KEY, environment_record
 from megatron_harpe.files import directory_bytes, free_bytes, human_bytes, out_of_space, publish, staging_path
 from megatron_harpe.models.unwrap import unwrap_model
 
@@ -90,6 +93,9 @@ def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any]
     like this took before (the free-space check takes the larger of it and the estimate).
     `sharded_strategy`: megatron-core's save strategy for the tensors (default: its own torch_dist
     writer); the converter passes one that makes each tensor just before it is written.
+    The common state also gets rank 0's environment_record() under "environment" (unless `common`
+    has that key): one record for every rank, as megatron-core checks the common state is the same
+    on all of them, and host names are not.
 
     Failures are collective: a rank whose write failed (megatron-core reports other ranks' write
     failures on rank 0 only, and the others would wait for it forever) is known to every rank, the
@@ -104,6 +110,8 @@ def write_checkpoint(directory: str | os.PathLike, sharded_state: Dict[str, Any]
     _raise_if_any_failed(failure, staging, directory, needed)
     state = dict(sharded_state)
     state[RECORD_KEY] = position_record(model_cfg)
+    if ENVIRONMENT_KEY not in (common or {}):
+        state[ENVIRONMENT_KEY] = share_from_rank0(environment_record() if _rank() == 0 else None)
     state.update(common or {})
     failure = _attempt(lambda: dist_checkpointing.save(state, str(staging), sharded_strategy=sharded_strategy,
                                                                  content_metadata=content_metadata))
@@ -218,7 +226,8 @@ def _raise_if_any_failed(failure: Optional[BaseException], staging: Path, direct
 
 
 def read_common_state(directory: str | os.PathLike) -> Dict[str, Any]:
-    """The non-sharded part of a checkpoint (position record, iteration, ...), readable on any rank."""
+    """The non-sharded part of a checkpoint (position record, environment record, iteration, ...), readable on
+    any rank."""
     directory = Path(directory)
     if not (directory / "metadata.json").exists():
         raise CheckpointError(f"{directory} is not a complete torch_dist checkpoint (no metadata.json); "

@@ -44,6 +44,11 @@ def describe_assumptions(gpu: GPU, a: Assumptions) -> str:
             f"{a.fragmentation:.0%} of activations+transients; reserve {a.reserve_gib:g} GiB")
 
 
+def verdict_text(ev: Evaluation) -> str:
+    """The verdict of one plan, as the report prints it: how much is spare, or why it does not fit."""
+    return f"fits, {ev.headroom / GIB:.1f} GiB to spare" if ev.fits else ev.reason
+
+
 def plan_text(ev: Evaluation, gpu: GPU, a: Assumptions, title: str) -> str:
     plan = ev.plan
     out = [title, *describe_workload(plan), f"layout    {plan.layout.describe()}  ({plan.layout.gpus} GPUs of "
@@ -58,8 +63,7 @@ def plan_text(ev: Evaluation, gpu: GPU, a: Assumptions, title: str) -> str:
         out.append(f"    {'allocated at the peak':<38s}{_gib(stage.allocated)}   what torch.cuda.max_memory_allocated "
                    f"should show")
         out.append(f"    {'total with allowances':<38s}{_gib(stage.total)}   of {gpu.memory_gib:g} GiB")
-    verdict = (f"fits, {ev.headroom / GIB:.1f} GiB to spare" if ev.fits else ev.reason)
-    out += ["", f"verdict   {verdict}"]
+    out += ["", f"verdict   {verdict_text(ev)}"]
     t = ev.time
     out += ["", f"{'time per step (modelled)':<36s}{'s':>9s}"]
     for name, seconds in t.parts_s.items():

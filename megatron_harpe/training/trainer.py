@@ -2,7 +2,8 @@
 
     run(cfg)
       -> parallel state (TP/PP/CP/DP), seeds
-      -> stage schedule; resume point (latest checkpoint) or init_from
+      -> stage schedule; resume point (latest checkpoint) or init_from (a checkpoint written on another
+         software stack is said in one line: environment.py)
       -> model chunks (provider) wrapped in megatron-core DDP; megatron-core optimizer + scheduler
       -> per iteration: this DP rank's micro-batches -> forward_backward_func (PP/VPP schedules)
          -> optimizer.step -> scheduler.step -> loss reduced over DP/CP, shared by all ranks
@@ -43,6 +44,7 @@ from megatron_harpe.config.loader import dump_config, to_dict
 from megatron_harpe.config.schema import Config
 from megatron_harpe.config.stages import Stage, build_schedule, stage_at
 from megatron_harpe.config.validate import parse_signals
+from megatron_harpe.environment import ENVIRONMENT_KEY, environment_changes, environment_record, environment_warning
 from megatron_harpe.files import atomic_write_text
 from megatron_harpe.models.checkpoint import read_common_state
 from megatron_harpe.models.provider import build_model, replace_position_encoding
@@ -120,6 +122,7 @@ class Trainer:
         self._log_event = None
         self.iteration = 0
         self.tidy_notes: List[str] = []
+        self.environment_notes: List[str] = []  # checkpoints read that another software stack wrote (run() logs)
         self.resumed_from: Optional[Path] = None
         self._first_batches = None  # (iteration, batches) read and checked in _prepare
         self.nonfinite = NonfinitePolicy(cfg.training.on_nonfinite, cfg.training.max_skipped_iterations)
@@ -301,6 +304,8 @@ class Trainer:
                          f"world {self.world} = TP {p.tensor} x PP {p.pipeline} x CP {p.context} x DP {self.dp_size}")
         for note in self.tidy_notes:
             logger.log_event(f"checkpoints: {note}")
+        for note in self.environment_notes:
+            logger.log_event(f"warning: {note}")
         if self.resumed_from is not None and self.rank == self.world - 1:  # a disk too full for the next save: said now
             warning = ckpt.space_warning(self.ckpt_dir, self.resumed_from)
             if warning:
@@ -348,11 +353,14 @@ class Trainer:
             self._build(self.stages[0].model_cfg)
             if self.cfg.training.init_from:
                 source = ckpt.resolve_checkpoint_path(self.cfg.training.init_from)
-                ckpt.load_weights_only(source, self.chunks)
+                common = ckpt.load_weights_only(source, self.chunks)
+                self._note_environment(common, f"training.init_from checkpoint {source}",
+                                       "numerics may differ from those of the run that wrote it")
                 return 0, f"weights from {source}"
             return 0, "fresh start"
         self.resumed_from = latest
         common = read_common_state(latest)
+        self._note_environment(common, f"checkpoint {latest}", "numerics may differ from the run so far")
         iteration = int(common["iteration"])
         self.nonfinite.skipped = list(common.get("skipped_iterations", []))
         self._check_schedule(common.get("schedule"), iteration, f"checkpoint {latest}")
@@ -369,6 +377,15 @@ class Trainer:
         if self.replan:
             how += f"; {self.replan_note}"
         return iteration, how
+
+    def _note_environment(self, common: Dict[str, Any], what: str, consequence: str) -> None:
+        """Collective. Keep a note (logged in run()) when the checkpoint's software stack is not this one:
+        rank 0's record against rank 0's (the one a checkpoint holds; other ranks may sit on other hosts)."""
+        changes = [environment_changes(common.get(ENVIRONMENT_KEY), environment_record()) if self.rank == 0
+                   else None]
+        dist.broadcast_object_list(changes, src=0)  # the logging rank is the last one
+        if changes[0]:
+            self.environment_notes.append(environment_warning(what, changes[0], consequence))
 
     def _peak_tflops(self) -> Optional[float]:
         configured = self.cfg.logging.peak_tflops_per_device
