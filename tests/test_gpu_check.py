@@ -3,7 +3,8 @@ the script the first GPU session runs, kept from rotting on CPU.
 
 One subprocess run in CPU mode (tiny sizes, Triton's interpreter, gloo; ~60 s on 2 cores) must pass every
 section a-i, with only the parts CPU mode cannot do (the flash backend, performance targets, the CUDA peak,
-Transformer Engine's CP communication types and FP8 attention) recorded as skipped, an identical loss trace
+Transformer Engine's CP communication types and FP8 attention) recorded as skipped, and skip section j
+(harpe-preflight: tests/test_preflight.py runs it on CPU) with that reason; an identical loss trace
 after the signal-and-resume of section f, section h's measured / planned rows, section i's two-rank layouts
 (TP=2 + SP, CP=2, packed CP=2, a negative control) each against one rank, and a markdown report naming every
 section. The report plumbing (a failing check, a section that raises, one that overruns its cap, bad
@@ -25,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
-SECTIONS = "abcdefghi"
+SECTIONS = "abcdefjghi"  # the run order (common.SECTION_ORDER): j right after f
 CPU_LABEL = "CPU mode: correctness only, no performance numbers"
 
 
@@ -63,6 +64,10 @@ def test_cpu_mode_passes_every_section(cpu_run):
     for key, sec in report["sections"].items():
         assert sec["status"] == "ok", (key, sec["status"], sec.get("error"))
         checks = [c for c in sec["checks"] if c["kind"] == "check"]
+        if key == "j":  # harpe-preflight: not run on CPU, where tests/test_preflight.py runs it
+            assert not checks and sec["skipped"] == [{"part": "the whole section", "reason": "CPU mode: covered by "
+                                                      "tests/test_preflight.py on CPU (gloo)"}], sec
+            continue
         assert checks, f"section {key} checks nothing"
         assert all(c["result"] == "pass" for c in checks), [c for c in checks if c["result"] != "pass"]
         # CPU mode skips only what it cannot do, and says so
@@ -75,7 +80,7 @@ def test_cpu_mode_passes_every_section(cpu_run):
     assert CPU_LABEL in proc.stdout
     # the one-line summary closes the output and is the report's
     assert proc.stdout.strip().splitlines()[-1] == report["summary"]
-    assert report["summary"].startswith("gpu_check PASS: 9/9 sections ok")
+    assert report["summary"].startswith("gpu_check PASS: 10/10 sections ok")
     print(f"gpu_check --cpu took {seconds:.0f} s (report: {report['duration_s']} s)")
 
 

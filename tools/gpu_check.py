@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One script that proves the GPU path the moment a GPU is lent (docs/gpu_check.md).
 
-    PYTHONUNBUFFERED=1 python tools/gpu_check.py --out gpu_check_out           # a GPU: ~5-7.5 minutes
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --out gpu_check_out           # a GPU: ~5-8.5 minutes
     python tools/gpu_check.py --cpu --out /tmp/gc                              # CPU: correctness only, < 60 s
 
 The entry point only: the sections, the report and the run loop are the package tools/gpu_checks/ (its

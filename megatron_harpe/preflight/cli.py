@@ -178,7 +178,7 @@ def _checks(args, cfg, twin, machine, launch, workdir: Path) -> int:
     record(run.probes["rotary"])
     peak = cfg.logging.peak_tflops_per_device or machine.peak_tflops(fp8=cfg.fp8.format is not None)
     record(accounting_check(twin, run, windows, peak, predicted=full_memory.details.get("predicted")))
-    record(twin_memory(twin.cfg, launch.world_size))
+    record(_twin_memory_here(twin, machine, twin_memory))
 
     def batches():
         from megatron.core import parallel_state as ps
@@ -208,6 +208,33 @@ def _checks(args, cfg, twin, machine, launch, workdir: Path) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     dist.barrier()  # every rank leaves with the report written
     return EXIT_CHECK_FAILED if any(r.failed for r in results) else 0
+
+
+def _twin_memory_here(twin, machine, twin_memory):
+    """The twin's memory check, unless a CPU cannot hold what it builds: every rank's model state and Adam moments
+    at once (the layout's own passes hold no optimizer state; 32 ranks of a 7B twin need more RAM than a laptop).
+    Then it says so, with the numbers, and the planner's accuracy stays what tests/test_preflight_memory.py and
+    docs/planning.md show."""
+    from megatron_harpe.preflight.result import NOT_RUN, CheckResult
+
+    if machine.cuda:
+        return twin_memory(twin.cfg, twin.world_size)
+    import psutil
+
+    m, p = twin.model_cfg, twin.cfg.parallel
+    attention = m.hidden_size * (m.num_attention_heads + 2 * m.groups) * m.head_dim + \
+        m.num_attention_heads * m.head_dim * m.hidden_size
+    params = m.num_layers * (attention + 3 * m.hidden_size * m.ffn_hidden_size) + 2 * m.vocab_size * m.hidden_size
+    per_rank = params / (p.tensor * p.pipeline) * 4 * 5  # fp32 weights, gradients, two moments, a step's working set
+    need = per_rank * twin.world_size + twin.world_size * (256 << 20)
+    from megatron_harpe.preflight.parity import share
+
+    available = share(psutil.virtual_memory().available)  # rank 0's view decides for all: one collective path
+    if need > available:
+        return CheckResult("memory (twin)", NOT_RUN,
+                           f"measuring the twin on {twin.world_size} CPU ranks needs about {need / 2**30:.1f} GiB "
+                           f"of RAM, {available / 2**30:.1f} GiB is available here: run it on the job's GPUs")
+    return twin_memory(twin.cfg, twin.world_size)
 
 
 def _gpu_name(machine) -> Optional[str]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_harpe.models.checkpoint import save_model
+from megatron_harpe.models.checkpoint import load_model, save_model
 from megatron_harpe.models.unwrap import unwrap_model
 from megatron_harpe.preflight.positions import fused_harpe, shift_positions
 from megatron_harpe.preflight.twin import TWIN_EOD, Twin
@@ -106,23 +106,14 @@ class SequenceShares:
             h.remove()
 
 
-def _copy_grads_into_params(chunks) -> List[torch.Tensor]:
-    """Put each parameter's reduced gradient (DDP's main_grad) where its weight is; returns the weights."""
-    kept = []
+def _copy_grads_into_params(chunks) -> None:
+    """Put each parameter's reduced gradient (DDP's main_grad) where its weight is (the weights are read back from
+    their checkpoint afterwards: a copy in memory would be a third model per rank, too much for 32 CPU ranks)."""
     with torch.no_grad():
         for chunk in chunks:
             for param in chunk.parameters():
-                kept.append(param.detach().clone())
                 grad = getattr(param, "main_grad", None)
                 param.copy_(grad.view_as(param) if grad is not None else torch.zeros_like(param))
-    return kept
-
-
-def _restore(chunks, kept: List[torch.Tensor]) -> None:
-    with torch.no_grad():
-        params = [p for chunk in chunks for p in chunk.parameters()]
-        for param, value in zip(params, kept):
-            param.copy_(value)
 
 
 def run_layout(twin: Twin, workdir: Path, probes: Dict[str, Callable] = None,
@@ -180,9 +171,9 @@ def run_layout(twin: Twin, workdir: Path, probes: Dict[str, Callable] = None,
             totals = reduce_sums([out["lm loss"] for out in outputs], 2, trainer.device)
             loss, tokens = (totals[0] / totals[1]).item(), int(totals[1].item())
             grads = str(workdir / f"grads_{shift}")
-            kept = _copy_grads_into_params(chunks)
+            _copy_grads_into_params(chunks)
             save_model(chunks, twin.model_cfg, grads)
-            _restore(chunks, kept)
+            load_model(chunks, None, run.weights)
             run.passes.append(Pass(shift=shift, loss=loss, tokens=tokens, seconds=seconds, grads=grads))
             log(f"pass with positions from {shift:,}: loss {loss:.6f} over {tokens:,} tokens in {seconds:.2f} s")
         shift_positions(chunks, 0)

@@ -28,10 +28,6 @@ def _grads_by_name(model) -> Dict[str, Any]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _weights_by_name(model) -> Dict[str, Any]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
 def run(spec_path: str) -> Dict[str, Any]:
     setup_backend(force_cpu=True)
     import torch
@@ -59,10 +55,9 @@ def run(spec_path: str) -> Dict[str, Any]:
     batch = FirstBatch(spec["windows"].long(), spec["eod_id"], spec["document_mask"], spec["eod_mask_loss"])
     mask = batch.loss_mask()
     out: Dict[str, Any] = {"passes": []}
-    reference = {}
-    for entry in spec["passes"]:
-        shift = entry["shift"]
-        shift_positions([model], shift)
+    for entry in spec["passes"]:  # one pass at a time: a CPU holds the twin about three times, not five
+        load_model([model], None, spec["weights"])
+        shift_positions([model], entry["shift"])
         model.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64)
         for row, start, end in batch.segments():
@@ -74,15 +69,14 @@ def run(spec_path: str) -> Dict[str, Any]:
             total = total + (losses * mask[row, start:end]).sum()
         tokens = int(mask.sum().item())
         (total / tokens).backward()
-        reference[shift] = (float(total.item()) / tokens, tokens, _grads_by_name(model))
-    shift_positions([model], 0)
-    for entry in spec["passes"]:
-        loss, tokens, grads = reference[entry["shift"]]
-        load_model([model], None, entry["grads"])
-        layout = _weights_by_name(model)
+        grads = _grads_by_name(model)
+        model.zero_grad(set_to_none=True)
+        shift_positions([model], 0)
+        load_model([model], None, entry["grads"])  # the layout's gradients, where the weights were
+        layout = dict(model.named_parameters())
         worst_name, worst, diff2, norm2 = None, 0.0, 0.0, 0.0
         for name, ref in grads.items():
-            got = layout[name].double()
+            got = layout[name].detach().double()
             ref = ref.double()
             d2, n2 = float((got - ref).pow(2).sum()), float(ref.pow(2).sum())
             diff2, norm2 = diff2 + d2, norm2 + n2
@@ -90,10 +84,12 @@ def run(spec_path: str) -> Dict[str, Any]:
             if rel > worst or worst_name is None:
                 worst_name, worst = name, rel
         missing = sorted(set(layout) - set(grads))
-        out["passes"].append({"shift": entry["shift"], "reference_loss": loss, "reference_tokens": tokens,
+        del grads, layout
+        out["passes"].append({"shift": entry["shift"], "reference_loss": float(total.item()) / tokens,
+                              "reference_tokens": tokens,
                               "grad_rel_error": math.sqrt(diff2) / max(math.sqrt(norm2), 1e-30),
                               "worst_param": worst_name, "worst_param_rel_error": worst,
-                              "params": len(grads), "params_without_grad": missing})
+                              "params_without_grad": missing})
     ps.destroy_model_parallel()
     dist.destroy_process_group()
     return out

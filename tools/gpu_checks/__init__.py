@@ -1,10 +1,11 @@
 """One script that proves the GPU path the moment a GPU is lent (docs/gpu_check.md).
 
-    PYTHONUNBUFFERED=1 python tools/gpu_check.py --out gpu_check_out           # a GPU: ~5-7.5 minutes
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --out gpu_check_out           # a GPU: ~5-8.5 minutes
     python tools/gpu_check.py --cpu --out /tmp/gc                              # CPU: correctness only, < 60 s
 
-Sections (each runs on its own: a failing one is recorded with its traceback and the next one runs;
-each has a time cap, and the part of a section left when its cap is reached is skipped and recorded):
+Sections, run in the order a b c d e f j g h i (each runs on its own: a failing one is recorded with its
+traceback and the next one runs; each has a time cap, and the part of a section left when its cap is reached
+is skipped and recorded; j runs before g and h, the sections the run's budget cuts first):
   a  environment: GPU, memory, compute capability, driver/CUDA, torch, triton, megatron-core, TE,
      whether SDPA's flash backend runs bf16 causal attention at head dim 128
   b  HARPE rotary on the device: HarpeRotaryEmbedding tables + megatron-core's
@@ -26,6 +27,11 @@ each has a time cap, and the part of a section left when its cap is reached is s
      CP=2 with each cp_comm_type Transformer Engine allows here (config/combinations.py), packed documents
      at CP=2, FP8 attention at CP=2 (sm89+); loss and every gradient against the TP=PP=CP=1 model on the
      same batch and weights, and a negative control that must be seen (i_worker.py under torchrun)
+  j  harpe-preflight on the paper's config twin (examples/llama2_7b_harpe_128k.yaml, mock data, no initial
+     checkpoint, --gpus 32): one process at TP = CP = 1 on one GPU, torchrun at TP = min(8, GPUs) + SP with 2+;
+     again with fp8.format=hybrid on sm89+ with Transformer Engine; each preflight check a check here ("not
+     run" ones notes), exit code, preflight.json / preflight.md (copied to <out>/preflight*/), wall time.
+     CPU mode: skipped, covered by tests/test_preflight.py on CPU (gloo)
 
 Writes <out>/gpu_check.json and <out>/gpu_check.md (rewritten after every section, so a run killed
 half way still leaves a report), prints progress as it goes and ends with a one-line summary.
@@ -47,7 +53,7 @@ kernel, gloo; labelled "CPU mode: correctness only, no performance numbers".
 #                   timing / memory helpers the sections share
 #   reference.py    float64 rotation references and the rotation tolerances (sections b and c)
 #   a_environment.py, b_rotary.py, c_context_parallel.py, d_attention.py, e_layer.py, f_train.py,
-#   g_bench.py, h_planner.py, i_multi_gpu.py
+#   g_bench.py, h_planner.py, i_multi_gpu.py, j_preflight.py
 #                   one section each: run(sec, env)
 #   i_worker.py     section i's worker script (torchrun, 2 ranks): the layouts and the one-rank reference
 #   report.py       the report: gpu_check.json, gpu_check.md, the closing summary

@@ -12,11 +12,12 @@ import warnings
 from typing import Any, Dict
 
 from . import (a_environment, b_rotary, c_context_parallel, d_attention, e_layer, f_train, g_bench, h_planner,
-               i_multi_gpu, report as reporting)
+               i_multi_gpu, j_preflight, report as reporting)
 from .common import BUDGET, CAPS, CPU_LABEL, SECTION_ORDER, TITLES, Env, Section, SectionTimeout, free_memory, log, now
 
 SECTION_FUNCS = {"a": a_environment.run, "b": b_rotary.run, "c": c_context_parallel.run, "d": d_attention.run,
-                 "e": e_layer.run, "f": f_train.run, "g": g_bench.run, "h": h_planner.run, "i": i_multi_gpu.run}
+                 "e": e_layer.run, "f": f_train.run, "g": g_bench.run, "h": h_planner.run, "i": i_multi_gpu.run,
+                 "j": j_preflight.run}
 ALARM_GRACE_S = 5.0  # past its cap a section is interrupted by SIGALRM (it also checks its deadline itself)
 
 

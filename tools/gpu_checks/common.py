@@ -12,7 +12,9 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[2]
 
 CPU_LABEL = "CPU mode: correctness only, no performance numbers"
-SECTION_ORDER = "abcdefghi"
+# The run order: j (harpe-preflight) right after f, so that it runs before the benchmark and planner sections g
+# and h, which the budget cuts first. Sections are looked up by key everywhere; only this string orders them.
+SECTION_ORDER = "abcdefjghi"
 TITLES = {
     "a": "environment",
     "b": "HARPE rotary on the device (table + megatron-core apply, fused kernel) vs float64",
@@ -23,6 +25,7 @@ TITLES = {
     "g": "fused-RoPE benchmark (tools/bench_rope.py)",
     "h": "planner vs one GPU step: harpe-plan's memory model against a built model's bytes and peak",
     "i": "two-rank layouts vs one rank: TP=2 + SP, CP=2 per cp_comm_type, packed documents, FP8 attention",
+    "j": "harpe-preflight on the paper's config twin",
 }
 PROVES = {
     "a": "what the machine is, and whether the fast attention backend exists for the shapes the model uses",
@@ -41,9 +44,17 @@ PROVES = {
     "i": "the parallel layouts a multi-GPU run uses (TP with sequence parallelism; CP with each communication "
          "type Transformer Engine allows here; packed documents under CP; FP8 attention) compute the one-rank "
          "model's loss and gradients on the same batch and weights, on the device's own collectives",
+    "j": "harpe-preflight, the check a run makes before it starts, passes on the device for the paper's 7B / 128k "
+         "config (its twin reduced to the GPUs at hand): environment, the full run's memory plan, layout parity, "
+         "rotary angles at far positions, accounting, the twin's memory, and FP8 against bf16 where the GPU and "
+         "Transformer Engine allow",
 }
 
-# Sizes per mode. gpu: the real check (~5-7.5 min on an H200); quick: a smoke run; cpu: tiny, correctness only.
+# Section j: harpe-preflight on this config (its own reduced twin: 2 layers, a short sequence), the layout cut to
+# the GPUs at hand (TP = min(max_tensor, GPUs), CP 1), the full run's memory planned for full_run_gpus.
+PREFLIGHT = dict(config="examples/llama2_7b_harpe_128k.yaml", full_run_gpus=32, max_tensor=8)
+
+# Sizes per mode. gpu: the real check (~5-8.5 min on an H200); quick: a smoke run; cpu: tiny, correctness only.
 SIZES = {
     "gpu": {
         "b": dict(seq=8192, hq=32, hk=8, d=128),
@@ -56,6 +67,7 @@ SIZES = {
         "h": dict(model="llama2-7b-width", layers=4, seqs=(16384, 32768)),
         "i": dict(layers=2, hidden=512, heads=4, groups=2, ffn=1408, vocab=512, seq=512, batch=2,
                   eods=[[69, 200], [129, 130, 401, 511]]),
+        "j": PREFLIGHT,
     },
     "quick": {
         "b": dict(seq=2048, hq=32, hk=8, d=128),
@@ -68,6 +80,7 @@ SIZES = {
         "h": dict(model="llama2-7b-width", layers=2, seqs=(4096, 8192)),
         "i": dict(layers=2, hidden=512, heads=4, groups=2, ffn=1408, vocab=512, seq=512, batch=2,
                   eods=[[69, 200], [129, 130, 401, 511]]),
+        "j": PREFLIGHT,
     },
     "cpu": {
         "b": dict(seq=256, hq=4, hk=2, d=32),
@@ -80,16 +93,20 @@ SIZES = {
         "h": dict(model="tiny", layers=2, seqs=(64, 128)),
         "i": dict(layers=2, hidden=64, heads=4, groups=2, ffn=128, vocab=128, seq=32, batch=2,
                   eods=[[4, 17], [9, 10, 30, 31]]),
+        "j": {},  # skipped: tests/test_preflight.py runs harpe-preflight on CPU
     },
 }
-# Time caps per section (seconds) and the whole run's budget. GPU caps a-h add up to 510 s inside the 520 s
-# budget (under the lent device's 600 s command limit); the estimates of what each section needs on an
-# H200 are in docs/gpu_check.md. Section i runs only with 2+ GPUs (on one GPU it skips at once): there the
-# default budget grows by its cap (cli.default_budget), on the lent one-GPU device it stays 520 s.
+# Time caps per section (seconds) and the whole run's budget (520 s on a GPU: under the lent device's 600 s
+# command limit); the estimates of what each section needs on an H200 are in docs/gpu_check.md. A section
+# runs under min(its cap, the budget left); one that cannot start is recorded as skipped (budget spent). The
+# caps of a-f and j (harpe-preflight, run right after f; not yet measured on a GPU) add up to 510 s, so g and
+# h run in what the sections before them leave unused (they are the ones the budget cuts). Section i runs
+# only with 2+ GPUs (on one GPU it skips at once): there the default budget grows by its cap
+# (cli.default_budget), on the lent one-GPU device it stays 520 s.
 CAPS = {
-    "gpu": dict(a=15, b=45, c=25, d=60, e=85, f=130, g=60, h=90, i=120),
-    "quick": dict(a=15, b=40, c=25, d=40, e=60, f=100, g=40, h=60, i=120),
-    "cpu": dict(a=20, b=40, c=30, d=30, e=60, f=120, g=60, h=40, i=60),
+    "gpu": dict(a=15, b=45, c=25, d=60, e=85, f=130, g=60, h=90, i=120, j=150),
+    "quick": dict(a=15, b=40, c=25, d=40, e=60, f=100, g=40, h=60, i=120, j=150),
+    "cpu": dict(a=20, b=40, c=30, d=30, e=60, f=120, g=60, h=40, i=60, j=10),
 }
 BUDGET = {"gpu": 520.0, "quick": 390.0, "cpu": 300.0}
 
