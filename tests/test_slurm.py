@@ -232,6 +232,11 @@ def jobs(tmp_path_factory, corpus_jsonl, spm_model):  # noqa: F811
         if mpi_problem() is None:
             j.train("mpi", "--time=10", overrides=["training.iterations=2", "logging.tensorboard=false"],
                     env={"LAUNCHER": "mpi", "SRUN_MPI": "pmi2"})
+        # PREFLIGHT=1: harpe-preflight as the job's first step on its own 2 srun ranks; training only after a pass
+        short = ["parallel.tensor=2", "training.iterations=2", "logging.tensorboard=false"]
+        j.train("preflight", "--time=10", overrides=short, env={"PREFLIGHT": "1"})
+        j.train("preflight-fails", "--time=10", overrides=short,
+                env={"PREFLIGHT": "1", "PREFLIGHT_ARGS": "--gpu-memory-gib 1"})
         submit_preprocess(j, corpus_jsonl, spm_model)
         submit_sweep(j)
         fake = work / "fake-python"
@@ -365,6 +370,27 @@ def test_launchers_give_the_trainer_the_right_world_size(jobs, launcher):
         assert "launcher mpi" in log
         assert re.search(r"mpicheck: MPI COMM_WORLD size 2 on every rank \(2 answered\), SLURM_NTASKS 2, "
                          r"PMI size 2: MPICH", log), log[-4000:]
+
+
+def test_preflight_runs_as_the_first_step_and_gates_training(jobs):
+    """PREFLIGHT=1: harpe-preflight on the job's own srun ranks (Slurm's launcher, gloo) before harpe-train; a
+    failed check (a memory plan that cannot fit: --gpu-memory-gib 1 through PREFLIGHT_ARGS) ends the job with
+    exit 5 and nothing trained."""
+    info = jobs.wait("preflight")
+    log = jobs.log(info)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert "harpe-preflight: slurm launch, world size 2" in log and "preflight passed: training" in log, log[-4000:]
+    report = json.loads((jobs.work / "preflight" / "preflight.json").read_text())
+    assert report["passed"] and {c["name"]: c["status"] for c in report["checks"]}["layout parity"] == "pass"
+    assert loss_trace(jobs.work / "preflight")  # and then it trained
+
+    info = jobs.wait("preflight-fails")
+    log = jobs.log(info)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "5:0"), log[-4000:]
+    assert "a check failed" in log and "nothing trained" in log, log[-4000:]
+    report = json.loads((jobs.work / "preflight-fails" / "preflight.json").read_text())
+    assert report["verdict"].startswith("FAIL: memory (full run)")
+    assert not (jobs.work / "preflight-fails" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("name", list(DECISIONS))

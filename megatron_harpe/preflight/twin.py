@@ -6,7 +6,7 @@ kept    heads, K/V groups, head dim (so hidden size), the position encoding and 
         stage: the context the run is for), TP / SP / CP / CP communication / PP / VPP / DP, packing and document
         masking, eod_mask_loss, precision, FP8 (on a GPU), recompute, the spec (Transformer Engine or local) and
         the RoPE kernel the machine picks;
-reduced layers (2, or one per pipeline chunk), the sequence (the shortest multiple of what every CP chunk and
+reduced layers (2, or one per pipeline chunk), random weights drawn so that attention depends on positions, the sequence (the shortest multiple of what every CP chunk and
         TP/SP shard needs, at least 128 tokens), the batch (two micro-batches per DP rank), and on a CPU the FFN
         width and the vocabulary (they meet neither positions nor layout: a 32 x 128-head attention on 32 gloo
         ranks is what a CPU can still run in minutes);
@@ -36,6 +36,11 @@ MIN_TWIN_TOKENS = 128
 #: widths of a CPU twin (per TP rank for the FFN)
 CPU_FFN_PER_TP_RANK = 128
 CPU_VOCAB = 1024
+#: the twin's weights are drawn with std ATTENTION_SCALE / sqrt(hidden): query and key entries of std ~1.6, attention
+#: logits of std ~2.5, an attention that depends on positions. At megatron-core's usual 0.02 a narrow twin (hidden
+#: 64) attends almost uniformly and a CP chunk-order fault moved bf16 gradients by 2% against 1% of rounding noise;
+#: at this scale by 140% against 5% (measured on the CPU, docs/preflight.md).
+ATTENTION_SCALE = 1.6
 #: the EOD id of the twin's synthetic documents (ordinary tokens are drawn from 1..vocab-1)
 TWIN_EOD = 0
 
@@ -101,6 +106,7 @@ def make_twin(full: Config, world_size: int, *, cuda: bool, workdir: Path, seq_l
 
     chunks = p.pipeline * (p.virtual_pipeline or 1)
     model.num_layers = max(2, chunks)
+    model.init_method_std = ATTENTION_SCALE / math.sqrt(model.hidden_size)
     if not cuda:
         ffn = min(model.ffn_hidden_size, CPU_FFN_PER_TP_RANK * p.tensor)
         vocab = min(model.vocab_size, CPU_VOCAB)
