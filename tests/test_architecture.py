@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_harpe"
 #: Bottom-up. A module may import modules of its own package and of the layers below its own;
 #: packages that share a layer do not import each other.
 LAYERS = [
-    {"__init__", "cli", "files", "compat", "backends", "profile_ranges"},
+    {"__init__", "cli", "files", "compat", "backends", "profile_ranges", "environment"},
     {"rope"},
     {"config"},
     {"data"},
@@ -22,6 +22,7 @@ LAYERS = [
     {"models"},
     {"training"},
     {"convert", "evaluation", "sweeps", "planning"},
+    {"preflight"},  # checks a run with all of the above
     {"train", "demo"},  # entry points: anything below
 ]
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

@@ -49,7 +49,8 @@ def attention_cp_groups(twin: Twin, trainer) -> Dict[str, Any]:
 
 
 def expected_share(twin: Twin, windows: torch.Tensor) -> List[int]:
-    """Per micro-batch of DP rank 0... of any rank: the sequence positions one rank should compute (s_local)."""
+    """The sequence positions one rank should compute per micro-batch (s_local), over every micro-batch of the
+    global batch (packed streams differ in length with their documents), recomputed from the documents."""
     p, d = twin.cfg.parallel, twin.cfg.data
     split = p.context * (p.tensor if p.sequence_parallel else 1)
     if not d.document_mask:

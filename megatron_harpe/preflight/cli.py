@@ -98,6 +98,7 @@ def _preflight(args, argv: List[str]) -> int:
     if launch.world_size == 1 and model_parallel > 1 and not os.environ.get(CHILD_FLAG):
         import torch
 
+        validate_config(cfg, model_parallel)  # a bad config answers here, not from every rank started for it
         if torch.cuda.is_available():
             raise InputError(f"the layout needs {model_parallel} ranks (TP {p.tensor} x PP {p.pipeline} x CP "
                              f"{p.context}) at least: launch {PROG} as the run is launched (torchrun "
