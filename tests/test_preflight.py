@@ -45,6 +45,7 @@ FAULTS = {  # planted fault -> the checks that must fail
     "swapped-base": {"layout parity", "rotary at far positions"},
     "cp-not-sharding": {"layout parity", "accounting sanity"},
     "no-cp-group": {"layout parity", "accounting sanity"},
+    "other-stack": {"environment"},
 }
 
 
@@ -172,6 +173,11 @@ def test_the_faults_are_named_where_they_are(results):
     assert "gradient of" in runs["cp-chunk-order"]["checks"]["layout parity"]["summary"]
 
 
+def test_a_rank_on_another_stack_is_named(results):
+    summary = results[0]["other-stack"]["checks"]["environment"]["summary"]
+    assert summary.startswith("rank 1 runs another stack than rank 0") and "torch" in summary and "-> 2.0.0" in summary
+
+
 def test_an_impossible_memory_plan_is_refused_with_the_planners_reason(results):
     run = results[0]["impossible-memory"]
     assert run["exit"] == 5 and _failed(run) == {"memory (full run)"}
@@ -221,6 +227,28 @@ def test_export_check_reads_the_config_json_with_transformers(monkeypatch):
     dropped = export_check(ModelConfig(position=PositionEmbeddingConfig(kind="pi", base=10000.0,
                                                                         interpolation_factor=8.0)))
     assert dropped.status == "fail" and "drop" in dropped.summary and "8" in dropped.summary
+
+
+def test_accounting_refuses_an_mfu_above_the_peak(tmp_path):
+    """The numbers side of the accounting check: the twin's measured MFU and the planner's predicted one, each
+    above 100% on its own, fail it; the sequence share and attention groups of these observations are right."""
+    from megatron_harpe.config.loader import load_config
+    from megatron_harpe.preflight.accounting import accounting_check
+    from megatron_harpe.preflight.layout_run import LayoutRun, Pass, twin_windows
+    from megatron_harpe.preflight.twin import make_twin
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(run_dir=tmp_path / "run").replace("tensor: 2, context: 2", "tensor: 1, context: 1"))
+    twin = make_twin(load_config(str(config), []), 1, cuda=False, workdir=tmp_path)
+    run = LayoutRun(weights="", passes=[Pass(shift=0, loss=1.0, tokens=1, seconds=0.5, grads="")],
+                    probes={"sequence_shares": [(twin.seq_length, 1, 64)] * 2, "attention_cp_groups": []})
+    windows = twin_windows(twin)
+    flops = accounting_check(twin, run, windows, peak_tflops=1e6).details["twin"]["tflops_per_device"]
+    assert accounting_check(twin, run, windows, peak_tflops=1e6, predicted={"mfu": 0.4}).status == "pass"
+    measured = accounting_check(twin, run, windows, peak_tflops=flops / 2)  # the twin did twice the peak
+    assert measured.status == "fail" and "MFU 200% is above the device's peak" in measured.summary
+    planned = accounting_check(twin, run, windows, peak_tflops=1e6, predicted={"mfu": 1.3})
+    assert planned.status == "fail" and "the planner's full run: MFU 130%" in planned.summary
 
 
 def test_twin_keeps_what_decides_positions_and_layout():

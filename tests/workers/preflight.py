@@ -10,6 +10,7 @@ Faults (each a bug users met in other tools, planted in our code for one run):
   swapped-base      the first two K/V groups of every TP rank swap their bases
   cp-not-sharding   the batch is not split over the CP group: every CP rank computes the whole sequence
   no-cp-group       attention gets no CP group: each CP rank attends within its own chunks (Megatron-Bridge #2667)
+  other-stack       rank 1 runs another torch than the others (a node on another container image)
 
 Usage (under torchrun): preflight.py --out DIR --runs JSON
 """
@@ -65,6 +66,12 @@ def planted(fault: str | None):
             init(self, *args, **kwargs)
             self.cp_group, self.cp_size, self.cp_rank = alone, 1, 0
         patch = mock.patch.object(core_attention.SDPACoreAttention, "__init__", without_cp)
+    elif fault == "other-stack":
+        from megatron_harpe.preflight import environment_check
+
+        record = environment_check.environment_record
+        other = (lambda: {**record(), "torch": "2.0.0"}) if os.environ.get("RANK") == "1" else record
+        patch = mock.patch.object(environment_check, "environment_record", other)
     else:
         raise ValueError(f"unknown fault {fault!r}")
     with patch:
