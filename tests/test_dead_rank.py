@@ -89,6 +89,9 @@ class Run:
     def kill_rank(self, rank: str) -> None:
         self.before = tagged(self.tag)
         victims = [pid for pid, (r, cmd) in self.before.items() if r == rank and "-m megatron_harpe.train" in cmd]
+        # a child the rank forks (a checkpoint writer) shows the rank's own command line until it execs or exits:
+        # the rank is the one candidate whose parent is not a candidate
+        victims = [pid for pid in victims if _parent(pid) not in victims]
         assert len(victims) == 1, self.before
         self.victim = victims[0]
         helpers = [pid for pid, (r, cmd) in self.before.items() if r == rank and pid != self.victim]
@@ -124,6 +127,14 @@ class Run:
         if not self.log.closed:
             self.log.flush()
         return self.log_path.read_text(errors="replace")
+
+
+def _parent(pid: int):
+    """The parent's pid of a live process (None when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @pytest.fixture(scope="module")
